@@ -1,0 +1,36 @@
+"""Name -> compressor class. Methods register themselves on import."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adc_flwr.compression.base import Compressor
+
+if TYPE_CHECKING:
+    from adc_flwr.config import RunConfig
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+
+def register(cls: type[Compressor]) -> type[Compressor]:
+    """Class decorator: make ``cls`` available as ``method = cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"compressor {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_compressor(cfg: RunConfig, num_classes: int) -> Compressor:
+    """Instantiate the compressor that ``cfg.method`` names, with its parameters from ``cfg``."""
+    try:
+        cls = _REGISTRY[cfg.method]
+    except KeyError:
+        raise ValueError(
+            f"method={cfg.method!r} is not a known compressor; choose one of {available_methods()}"
+        ) from None
+    return cls.from_config(cfg, num_classes)

@@ -1,0 +1,236 @@
+"""The validated run configuration: one dataclass built from Flower's flat run-config dict.
+
+Every key of ``[tool.flwr.app.config]`` in pyproject.toml is a field here (dashes become
+underscores). Bad input raises :class:`ConfigError` naming the key and what it accepts, so
+a typo in ``--run-config`` fails before any data or model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATASETS_HELP = "'fashion-mnist', 'digits', 'hf:<hub id>', 'parquet:<dir or file>' or 'imagefolder:<dir>'"
+PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
+POOLINGS = ("attention", "cls", "mean")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+SL_MODES = ("splitfed", "vanilla")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+CHANNELS = ("clean", "awgn")
+
+
+class ConfigError(ValueError):
+    """A run-config value is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All run-config keys, typed, with the defaults pyproject.toml declares."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    partitioner: str = "iid"
+    alpha: float = 0.5
+    min_partition_size: int = 10
+    classes_per_client: int = 2
+    shards_per_client: int = 2
+    seed: int = 42
+    model: str = "vit-cpu"
+    image_size: int = 0
+    patch_size: int = 0
+    split_index: int = 3
+    method: str = "adc"
+    compression: float = 0.1
+    batch_compression: float = 0.0
+    token_compression: float = 0.0
+    pooling: str = "attention"
+    kmeans_iters: int = 50
+    kmeans_tol: float = 1e-4
+    wire_dtype: str = "float32"
+    sl_mode: str = "splitfed"
+    num_server_rounds: int = 3
+    local_steps: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    fraction_train: float = 1.0
+    budget_mb: float = 0.0
+    eval_every: int = 0
+    eval_batch_size: int = 512
+    step_timeout: float = 120.0
+    channel: str = "clean"
+    snr_db: str = "10"
+    out_dir: str = "results"
+    run_name: str = ""
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's ``context.run_config`` (kebab-case keys); missing keys take defaults."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = ", ".join(sorted(f.replace("_", "-") for f in fields))
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
+            values[name] = _coerce(key, raw, fields[name].type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case dict Flower uses (inverse of :meth:`from_run_config`)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A validated copy with some fields changed (snake_case names)."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    # ---- derived values -------------------------------------------------------------
+
+    @property
+    def compression_split(self) -> tuple[float, float]:
+        """(xi_b, xi_t) for ADC: both given, or sqrt(compression) each."""
+        if self.batch_compression > 0 and self.token_compression > 0:
+            return self.batch_compression, self.token_compression
+        root = math.sqrt(self.compression)
+        return root, root
+
+    @property
+    def snr_range_db(self) -> tuple[float, float]:
+        """``snr-db`` as (low, high): 'x' means fixed x dB, 'a,b' uniform in [a, b]."""
+        parts = [float(p) for p in self.snr_db.split(",")]
+        return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+    @property
+    def resolved_run_name(self) -> str:
+        """``run-name``, or one derived from the swept parameters when empty."""
+        if self.run_name:
+            return self.run_name
+        return f"{self.method}-c{self.compression:g}-{self.partitioner}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        """Absolute run directory ``<out-dir>/<run-name>``."""
+        return Path(self.out_dir).expanduser().resolve() / self.resolved_run_name
+
+    # ---- validation -----------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for the first value outside its allowed range."""
+        for key, check in _CHECKS.items():
+            value = getattr(self, key.replace("-", "_"))
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"run-config key {key!r} = {value!r}: {problem}")
+        if self.batch_compression > 0 and self.token_compression > 0:
+            # both given: they override `compression`; check their product is a valid ratio
+            if not 0 < self.batch_compression * self.token_compression <= 1:
+                raise ConfigError("batch-compression × token-compression must lie in (0, 1]")
+        elif (self.batch_compression > 0) != (self.token_compression > 0):
+            raise ConfigError(
+                "batch-compression and token-compression must be given together "
+                "(both > 0) or both left at 0 to split `compression` evenly"
+            )
+
+
+def _coerce(key: str, raw: Any, type_name: Any) -> Any:
+    """Check ``raw`` against the field's declared type; ints are accepted for floats."""
+    expected = {"str": str, "int": int, "float": float}[str(type_name)]
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ConfigError(f"run-config key {key!r}: expected {expected.__name__}, got {raw!r}")
+    if expected is float and isinstance(raw, int):
+        return float(raw)
+    if expected is int and isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if not isinstance(raw, expected):
+        raise ConfigError(
+            f"run-config key {key!r}: expected {expected.__name__}, got {type(raw).__name__} {raw!r}"
+        )
+    return raw
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"allowed values are {', '.join(choices)}"
+
+
+def _in_range(
+    low: float, high: float = math.inf, *, low_open: bool = False
+) -> Callable[[Any], str | None]:
+    def check(v: float) -> str | None:
+        ok = (v > low if low_open else v >= low) and v <= high and not math.isnan(v)
+        if ok:
+            return None
+        left = "(" if low_open else "["
+        right = "]" if high != math.inf else ")"
+        return f"allowed range is {left}{low:g}, {high:g}{right}"
+
+    return check
+
+
+def _dataset(v: str) -> str | None:
+    if v in ("fashion-mnist", "digits"):
+        return None
+    prefix, _, rest = v.partition(":")
+    if prefix in ("hf", "parquet", "imagefolder") and rest:
+        return None
+    return f"allowed values are {DATASETS_HELP}"
+
+
+def _snr(v: str) -> str | None:
+    try:
+        parts = [float(p) for p in v.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) in (1, 2) and all(math.isfinite(p) for p in parts) and parts[0] <= parts[-1]:
+        return None
+    return "expected one number of dB ('10') or a range 'low,high' ('-10,10')"
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "dataset": _dataset,
+    "partitioner": _one_of(*PARTITIONERS),
+    "alpha": _in_range(0, low_open=True),
+    "min-partition-size": _in_range(0),
+    "classes-per-client": _in_range(1),
+    "shards-per-client": _in_range(1),
+    "seed": _in_range(0, 2**63 - 1),
+    "model": _non_empty,
+    "image-size": _in_range(0),
+    "patch-size": _in_range(0),
+    "split-index": _in_range(1),
+    "method": _non_empty,
+    "compression": _in_range(0, 1, low_open=True),
+    "batch-compression": _in_range(0, 1),
+    "token-compression": _in_range(0, 1),
+    "pooling": _one_of(*POOLINGS),
+    "kmeans-iters": _in_range(1),
+    "kmeans-tol": _in_range(0),
+    "wire-dtype": _one_of(*WIRE_DTYPES),
+    "sl-mode": _one_of(*SL_MODES),
+    "num-server-rounds": _in_range(1),
+    "local-steps": _in_range(0),
+    "batch-size": _in_range(2),
+    "lr": _in_range(0, low_open=True),
+    "optimizer": _one_of(*OPTIMIZERS),
+    "weight-decay": _in_range(0),
+    "fraction-train": _in_range(0, 1, low_open=True),
+    "budget-mb": _in_range(0),
+    "eval-every": _in_range(0),
+    "eval-batch-size": _in_range(1),
+    "step-timeout": _in_range(0, low_open=True),
+    "channel": _one_of(*CHANNELS),
+    "snr-db": _snr,
+    "out-dir": _non_empty,
+}
