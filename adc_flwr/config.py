@@ -59,9 +59,11 @@ class RunConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     fraction_train: float = 1.0
+    min_nodes: int = 1
     budget_mb: float = 0.0
     eval_every: int = 0
     eval_batch_size: int = 512
+    eval_samples: int = 0
     step_timeout: float = 120.0
     channel: str = "clean"
     snr_db: str = "10"
@@ -226,9 +228,11 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "optimizer": _one_of(*OPTIMIZERS),
     "weight-decay": _in_range(0),
     "fraction-train": _in_range(0, 1, low_open=True),
+    "min-nodes": _in_range(1),
     "budget-mb": _in_range(0),
     "eval-every": _in_range(0),
     "eval-batch-size": _in_range(1),
+    "eval-samples": _in_range(0),
     "step-timeout": _in_range(0, low_open=True),
     "channel": _one_of(*CHANNELS),
     "snr-db": _snr,

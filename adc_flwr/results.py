@@ -1,0 +1,347 @@
+"""The run directory (DESIGN.md section 5): what a run leaves behind, crash-safe and resumable.
+
+``<out-dir>/<run-name>/`` holds:
+
+- ``config.json``: the resolved, validated run config (atomic write).
+- ``metrics.csv``: append-only, one row per step, evaluation or round, with the fixed columns
+  :data:`METRIC_COLUMNS` (``kind`` is ``step``, ``eval`` or ``round``; a value a row does
+  not have, or NaN, is a blank cell). Each row is flushed when written; :meth:`RunDir.flush`
+  fsyncs (call it at least once per round, before the checkpoint).
+- ``summary.json`` (atomic write), built with :func:`make_summary`. Keys, always present:
+  ``status`` (``"completed"`` or ``"failed"``), ``stop_reason`` (why a completed run
+  stopped, e.g. ``"rounds"`` or ``"budget"``; null when failed), ``error`` (the failure;
+  null when completed), ``rounds``, ``test_accuracy``, ``test_loss``, ``bytes_up_act``,
+  ``bytes_up_targets``, ``bytes_down_grad``, ``bytes_model_sync``, ``compression_ratio``,
+  ``wall_time_s`` (null when unknown), plus any extra metrics the caller adds. Non-finite
+  floats are written as null, since JSON has no NaN.
+- ``checkpoint.pt``: whatever the strategy needs to resume (``torch.save``, atomic).
+
+Resume: a run whose summary says ``completed`` is finished; otherwise load the checkpoint
+and call :meth:`RunDir.truncate_metrics_after` with its round, so rows written after it
+are dropped and not duplicated when the rounds are redone.
+
+Every whole-file write goes to a temporary file in the same directory, is fsynced, then
+``os.replace``d over the target: a crash or a serialisation error leaves the old file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "kind",
+    "round",
+    "step",
+    "client",
+    "train_loss",
+    "test_accuracy",
+    "test_loss",
+    "bytes_up_act",
+    "bytes_up_targets",
+    "bytes_down_grad",
+    "bytes_model_sync",
+    "compression_ratio",
+    "sim_time_s",
+    "wall_time_s",
+)
+ROW_KINDS = ("step", "eval", "round")
+SUMMARY_METRICS = (
+    "rounds",
+    "test_accuracy",
+    "test_loss",
+    "bytes_up_act",
+    "bytes_up_targets",
+    "bytes_down_grad",
+    "bytes_model_sync",
+    "compression_ratio",
+    "wall_time_s",
+)
+SUMMARY_STATUSES = ("completed", "failed")
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ---- atomic writes --------------------------------------------------------------------
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write`` into a temp file beside ``path``, fsync, then replace ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (not possible on every platform)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) so that readers see the old or the new file."""
+    data = text.encode("utf-8")
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy / torch scalars and arrays become plain numbers and lists; anything else fails."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Serialise fully first (NaN/inf as null), then replace ``path`` atomically."""
+    plain = json.loads(json.dumps(obj, default=_json_default))  # numpy/torch -> Python
+    text = json.dumps(_finite_or_none(plain), indent=2, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
+    """``torch.save`` into a temp file, then replace ``path``; a failed save changes nothing."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ---- run directory --------------------------------------------------------------------
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: blank for None / NaN, Python scalars for 0-d numpy/torch values."""
+    if value is None:
+        return ""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return value
+
+
+class RunDir:
+    """One run's directory: config, append-only metrics, summary and checkpoint."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._metrics: IO[str] | None = None
+        self._writer: csv.DictWriter[str] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    # ---- config -----------------------------------------------------------------
+
+    def write_config(self, cfg: Mapping[str, Any]) -> None:
+        """Write the resolved run config as ``config.json``."""
+        atomic_write_json(self.config_path, dict(cfg))
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The stored config, or None before the first write."""
+        return _read_json(self.config_path)
+
+    # ---- metrics ----------------------------------------------------------------
+
+    def _open_metrics(self) -> tuple[IO[str], csv.DictWriter[str]]:
+        """Open metrics.csv for appending; write the header once, drop a torn last line."""
+        if self._metrics is None or self._writer is None:
+            path = self.metrics_path
+            header = ",".join(METRIC_COLUMNS)
+            if path.exists() and path.stat().st_size > 0:
+                with path.open("rb") as f:
+                    first = f.readline().decode("utf-8").rstrip("\r\n")
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"
+                if first != header:
+                    raise ValueError(
+                        f"{path} has columns {first!r}, expected {header!r}; "
+                        "use a new run-name or out-dir"
+                    )
+                if torn:  # a crash mid-row: keep whole rows only
+                    text = path.read_text(encoding="utf-8")
+                    atomic_write_text(path, text[: text.rfind("\n") + 1])
+            else:
+                atomic_write_text(path, header + "\n")
+            self._metrics = path.open("a", encoding="utf-8", newline="")
+            self._writer = csv.DictWriter(
+                self._metrics, fieldnames=METRIC_COLUMNS, lineterminator="\n"
+            )
+        return self._metrics, self._writer
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one row (``kind`` required, missing columns blank) and flush it to the OS."""
+        unknown = set(row) - set(METRIC_COLUMNS)
+        if unknown:
+            raise ValueError(
+                f"unknown metric column(s) {sorted(unknown)}; allowed: {', '.join(METRIC_COLUMNS)}"
+            )
+        if row.get("kind") not in ROW_KINDS:
+            raise ValueError(f"metric row kind {row.get('kind')!r} is not one of {ROW_KINDS}")
+        handle, writer = self._open_metrics()
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+        handle.flush()
+
+    def flush(self) -> None:
+        """fsync metrics.csv so that rows written so far survive a machine crash."""
+        if self._metrics is not None:
+            self._metrics.flush()
+            os.fsync(self._metrics.fileno())
+
+    def close(self) -> None:
+        """fsync and close metrics.csv (a later append reopens it)."""
+        if self._metrics is not None:
+            self.flush()
+            self._metrics.close()
+        self._metrics = None
+        self._writer = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_metrics(self) -> pd.DataFrame:
+        """All metric rows so far (an empty frame with the columns before the first row)."""
+        import pandas as pd  # only readers need pandas
+
+        if not self.metrics_path.exists():
+            return pd.DataFrame(columns=list(METRIC_COLUMNS))
+        return pd.read_csv(self.metrics_path)
+
+    def truncate_metrics_after(self, server_round: int) -> int:
+        """Drop rows of rounds after ``server_round`` (resume from its checkpoint).
+
+        Rows without a round are kept. Returns how many rows were dropped.
+        """
+        self.close()
+        if not self.metrics_path.exists():
+            return 0
+        with self.metrics_path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if not r["round"] or float(r["round"]) <= server_round]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(self.metrics_path, buf.getvalue())
+        return len(rows) - len(kept)
+
+    # ---- summary ----------------------------------------------------------------
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` atomically (build it with :func:`make_summary`)."""
+        atomic_write_json(self.summary_path, dict(summary))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """The stored summary, or None if the run never finished or failed."""
+        return _read_json(self.summary_path)
+
+    def is_finished(self) -> bool:
+        """Whether a completed summary exists, so the run must not be redone."""
+        summary = self.read_summary()
+        return summary is not None and summary.get("status") == "completed"
+
+    # ---- checkpoint -------------------------------------------------------------
+
+    def save_checkpoint(self, obj: Any) -> None:
+        """Write ``checkpoint.pt`` atomically (after :meth:`flush`, so metrics lead it)."""
+        self.flush()
+        atomic_torch_save(self.checkpoint_path, obj)
+
+    def load_checkpoint(self) -> Any | None:
+        """The stored checkpoint, or None.
+
+        Loaded with ``weights_only=True`` when it holds only tensors and plain containers;
+        otherwise (e.g. numpy RNG state) it falls back to full unpickling, which is safe here
+        because this run wrote the file itself.
+        """
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            return torch.load(self.checkpoint_path, weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(self.checkpoint_path, weights_only=False)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def make_summary(
+    status: str,
+    stop_reason: str | None = None,
+    error: str | None = None,
+    **metrics: Any,
+) -> dict[str, Any]:
+    """A summary with every documented key; metrics not given are None.
+
+    A completed run must say why it stopped; a failed one must say what failed.
+    """
+    if status not in SUMMARY_STATUSES:
+        raise ValueError(f"summary status {status!r} is not one of {SUMMARY_STATUSES}")
+    if status == "completed" and not stop_reason:
+        raise ValueError("a completed run's summary needs a stop_reason")
+    if status == "failed" and not error:
+        raise ValueError("a failed run's summary needs an error")
+    summary: dict[str, Any] = {"status": status, "stop_reason": stop_reason, "error": error}
+    summary.update({key: metrics.pop(key, None) for key in SUMMARY_METRICS})
+    summary.update(metrics)
+    return summary

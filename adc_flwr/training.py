@@ -1,0 +1,227 @@
+"""The two halves of one split-learning step, free of Flower, shared by the apps and the benchmarks.
+
+``ClientWorker`` owns a front, its optimizer and compressor: it produces a packet for a batch
+and later applies the server's gradients to it by recomputing that forward with the saved
+plan (autograd graphs cannot survive between Flower messages). ``ServerWorker`` owns the back:
+one forward/backward over the packets of all clients in a step, gradients per packet.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ViTForImageClassification
+
+from adc_flwr.codec import ReceivedPacket
+from adc_flwr.compression import Compressor, Packet
+from adc_flwr.config import RunConfig
+from adc_flwr.data import DataBundle, ImageSplit, to_model_input
+from adc_flwr.model import PRESETS, ClientFront, ServerBack, build_vit, model_input_spec
+
+
+def build_model(cfg: RunConfig, data: DataBundle) -> ViTForImageClassification:
+    """The run's ViT, seeded: a preset sized for ``data`` unless ``image-size`` says otherwise,
+    or a hub/local checkpoint. Server and clients build it the same way."""
+    preset_size = PRESETS.get(cfg.model, {}).get("image_size", 0)
+    return build_vit(
+        cfg.model,
+        num_classes=data.num_classes,
+        image_size=cfg.image_size or preset_size or data.image_size,
+        num_channels=data.num_channels,
+        patch_size=cfg.patch_size,
+        seed=cfg.seed,
+    )
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names (client and server use the same kind)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def client_modules(front: ClientFront, compressor: Compressor) -> dict[str, nn.Module]:
+    """Client-side trainable modules by prefix: ``front`` and, for learned methods, ``encoder``."""
+    encoder = compressor.client_module()
+    return {"front": front} | ({"encoder": encoder} if encoder is not None else {})
+
+
+def modules_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """One flat state dict ``<prefix>.<param>`` over several modules (detached copies)."""
+    return {
+        f"{prefix}.{k}": v.detach().clone()
+        for prefix, module in modules.items()
+        for k, v in module.state_dict().items()
+    }
+
+
+def load_modules_state(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`modules_state`; every module must be covered exactly."""
+    for prefix, module in modules.items():
+        part = {k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(part, strict=True)
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed derived from (run seed, round, partition, step, ...): distinct per step."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How raw uint8 images become model inputs (size, channels, normalisation)."""
+
+    image_size: int
+    num_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_model(cls, vit: nn.Module, data: DataBundle) -> InputSpec:
+        image_size, num_channels = model_input_spec(vit)
+        return cls(image_size, num_channels, data.mean, data.std)
+
+    def batch(self, split: ImageSplit, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel values (B, C, S, S) float32 and labels (B,) int64 for indices ``idx``."""
+        pixels = to_model_input(
+            split.images[idx],
+            image_size=self.image_size,
+            num_channels=self.num_channels,
+            mean=self.mean,
+            std=self.std,
+        )
+        return pixels, torch.from_numpy(split.labels[idx]).long()
+
+
+class ClientWorker:
+    """One client's side of split learning: front forward, encode, and deferred backward."""
+
+    def __init__(
+        self,
+        front: ClientFront,
+        compressor: Compressor,
+        optimizer: torch.optim.Optimizer,
+        split: ImageSplit,
+        spec: InputSpec,
+    ) -> None:
+        self.front = front
+        self.compressor = compressor
+        self.optimizer = optimizer
+        self.split = split
+        self.spec = spec
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The client-side modules that train and are averaged: the front (+ learned encoder)."""
+        return client_modules(self.front, self.compressor)
+
+    def front_state(self) -> dict[str, torch.Tensor]:
+        """Weights of every client-side module, flat, as they travel for model sync."""
+        return modules_state(self.trainable_modules())
+
+    def _encode(
+        self, idx: np.ndarray, seed: int, plan: dict[str, torch.Tensor] | None
+    ) -> Packet:
+        pixels, labels = self.spec.batch(self.split, idx)
+        h, cls_attn = self.front(pixels, with_cls_attention=True)  # (B, n, d), (B, n)
+        encoder = self.compressor.client_module()
+        if encoder is not None:
+            h = encoder(h)
+        return self.compressor.encode(h, labels, cls_attn, plan=plan, seed=seed)
+
+    def forward_packet(self, idx: np.ndarray, seed: int) -> tuple[Packet, float]:
+        """Forward and encode a batch; the graph is dropped, the plan kept. Returns compute seconds."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            packet = self._encode(idx, seed, plan=None)
+        return packet, time.perf_counter() - t0
+
+    def apply_grads(
+        self,
+        idx: np.ndarray,
+        seed: int,
+        plan: dict[str, torch.Tensor],
+        grads: dict[str, torch.Tensor],
+    ) -> float:
+        """Recompute the batch's forward with ``plan``, backpropagate ``grads``, step. Returns seconds."""
+        t0 = time.perf_counter()
+        packet = self._encode(idx, seed, plan=plan)
+        sent = packet.grad_tensors()
+        received = self.compressor.decompress_grads(grads, packet)
+        missing = sent.keys() - received.keys()
+        if missing:
+            raise ValueError(f"server returned no gradient for {sorted(missing)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        names = sorted(sent)
+        torch.autograd.backward([sent[k] for k in names], [received[k].to(sent[k].dtype) for k in names])
+        self.optimizer.step()
+        return time.perf_counter() - t0
+
+
+def split_loss(logits: torch.Tensor, targets: torch.Tensor, soft: bool) -> torch.Tensor:
+    """Cross-entropy against hard labels, or against soft labels given as class counts."""
+    if not soft:
+        return F.cross_entropy(logits, targets)
+    probs = targets.float() / targets.sum(dim=1, keepdim=True).clamp_min(1)  # (T, C)
+    return -(probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class ServerWorker:
+    """The server's side: one back step over the packets of all clients in a step."""
+
+    def __init__(
+        self, back: ServerBack, compressor: Compressor, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.back = back
+        self.compressor = compressor
+        self.optimizer = optimizer
+
+    def step(self, packets: list[ReceivedPacket]) -> tuple[float, list[dict[str, torch.Tensor]]]:
+        """Decode, forward all packets as one server batch, backward, step.
+
+        Returns the loss and, per packet, the gradients w.r.t. its transmitted tensors.
+        """
+        decoder = self.compressor.server_module()
+        h_parts, target_parts = [], []
+        for p in packets:
+            h = self.compressor.decode(p.tensors)  # (B_i, k, d)
+            h_parts.append(decoder(h) if decoder is not None else h)
+            target_parts.append(p.targets)
+        soft = packets[0].soft_targets
+        logits = self.back(torch.cat(h_parts))  # (sum B_i, C)
+        loss = split_loss(logits, torch.cat(target_parts), soft)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        grads = []
+        for p in packets:
+            g = {k: t.grad for k, t in p.tensors.items() if t.requires_grad}
+            grads.append(self.compressor.compress_grads(g))
+        return float(loss.detach()), grads
+
+
+@torch.no_grad()
+def evaluate(
+    front: ClientFront, back: ServerBack, split: ImageSplit, spec: InputSpec, batch_size: int
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of front+back on ``split``, without compression."""
+    front.eval()
+    back.eval()
+    correct, loss_sum = 0, 0.0
+    n = len(split.labels)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        pixels, labels = spec.batch(split, idx)
+        h, _ = front(pixels, with_cls_attention=False)
+        logits = back(h)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    front.train()
+    back.train()
+    return correct / n, loss_sum / n

@@ -1,0 +1,128 @@
+"""Flower ClientApp: the ViT's front blocks and the split-point compressor.
+
+Protocol (DESIGN.md section 3), one exchange per step:
+
+- ``train.start`` {front weights, config}: load the front, forward batch 0, reply packet 0.
+- ``train.step`` {gradients for packet s, config}: recompute forward s with its saved plan,
+  backward, optimizer step; reply packet s+1, or on the last step the front weights.
+
+Between messages only ``context.state`` survives: front weights, optimizer state and the
+plan of the packet in flight live there.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from adc_flwr.codec import packet_to_record, record_to_grads, record_to_state, state_to_record
+from adc_flwr.config import RunConfig
+from adc_flwr.training import ClientWorker
+from clients.setup import ClientSetup, client_setup
+
+app = ClientApp()
+
+FRONT = "front"
+OPTIM = "optim"
+PENDING = "pending"
+PENDING_META = "pending-meta"
+ROUND = "round"
+
+
+@app.train("start")
+def start(msg: Message, context: Context) -> Message:
+    """Start of a round: take the front the server sent, send the first packet."""
+    setup = _setup(context)
+    config = msg.content["config"]
+    worker = setup.worker(record_to_state(msg.content[FRONT]), _optimizer_state(context))
+    batches_done = int(config["batches-done"][setup.partition_id])
+    context.state[ROUND] = ConfigRecord(
+        {"round": int(config["round"]), "batches-done": batches_done}
+    )
+    reply = _forward_next(setup, worker, context, step=0, examples=0)
+    _save(context, worker)
+    return Message(reply, reply_to=msg)
+
+
+@app.train("step")
+def step(msg: Message, context: Context) -> Message:
+    """Apply the gradients of the packet in flight; send the next packet or the front."""
+    setup = _setup(context)
+    config = msg.content["config"]
+    worker = setup.worker(record_to_state(context.state[FRONT]), _optimizer_state(context))
+    pending = context.state[PENDING]
+    meta = context.state[PENDING_META]
+    plan = {k.removeprefix("plan."): v for k, v in pending.to_torch_state_dict().items() if k != "idx"}
+    idx = pending["idx"].numpy()
+    compute_s = worker.apply_grads(idx, int(meta["seed"]), plan, record_to_grads(msg.content["grads"]))
+    examples = int(meta["examples"]) + len(idx)
+    if bool(config["last"]):
+        metrics = MetricRecord(
+            {
+                "partition-id": setup.partition_id,
+                "num-examples": examples,
+                "steps": int(meta["step"]) + 1,
+                "compute-s": compute_s,
+            }
+        )
+        reply = RecordDict({FRONT: state_to_record(worker.front_state()), "metrics": metrics})
+        del context.state[PENDING], context.state[PENDING_META]
+    else:
+        reply = _forward_next(setup, worker, context, step=int(meta["step"]) + 1, examples=examples)
+        reply["metrics"]["compute-s"] = float(reply["metrics"]["compute-s"]) + compute_s
+    _save(context, worker)
+    return Message(reply, reply_to=msg)
+
+
+def _setup(context: Context) -> ClientSetup:
+    cfg = RunConfig.from_run_config(context.run_config)
+    return client_setup(
+        cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    )
+
+
+def _forward_next(
+    setup: ClientSetup,
+    worker: ClientWorker,
+    context: Context,
+    *,
+    step: int,
+    examples: int,
+) -> RecordDict:
+    """Forward and encode batch ``step`` of this round; remember its plan in the state.
+
+    ``examples`` counts the samples already trained this round (FedAvg weight).
+    """
+    round_state = context.state[ROUND]
+    idx = setup.batch_indices(int(round_state["batches-done"]) + step)
+    seed = setup.encode_seed(int(round_state["round"]), step)
+    packet, compute_s = worker.forward_packet(idx, seed)
+    pending = {"idx": torch.from_numpy(idx)} | {f"plan.{k}": v for k, v in packet.plan.items()}
+    context.state[PENDING] = ArrayRecord(pending)
+    context.state[PENDING_META] = ConfigRecord({"seed": seed, "step": step, "examples": examples})
+    metrics = MetricRecord(
+        {
+            "partition-id": setup.partition_id,
+            "steps-per-epoch": setup.steps_per_epoch,
+            "compute-s": compute_s,
+        }
+    )
+    return RecordDict(
+        {"packet": packet_to_record(packet, setup.cfg.wire_dtype), "metrics": metrics}
+    )
+
+
+def _optimizer_state(context: Context) -> dict | None:
+    if OPTIM not in context.state:
+        return None
+    return torch.load(io.BytesIO(context.state[OPTIM]["state"]), weights_only=True)
+
+
+def _save(context: Context, worker: ClientWorker) -> None:
+    context.state[FRONT] = state_to_record(worker.front_state())
+    buffer = io.BytesIO()
+    torch.save(worker.optimizer.state_dict(), buffer)
+    context.state[OPTIM] = ConfigRecord({"state": buffer.getvalue()})

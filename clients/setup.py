@@ -1,0 +1,111 @@
+"""What a ClientApp builds once per process and reuses for every message it handles.
+
+Ray actors are long-lived, so data, partitions and a model skeleton are cached per process;
+the weights themselves always come from the message or ``context.state``, never the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from adc_flwr.compression import Compressor, build_compressor
+from adc_flwr.config import RunConfig
+from adc_flwr.data import BatchCursor, DataBundle, load_data, partition_indices
+from adc_flwr.model import ClientFront, split_vit
+from adc_flwr.training import (
+    ClientWorker,
+    InputSpec,
+    build_model,
+    client_modules,
+    load_modules_state,
+    make_optimizer,
+    step_seed,
+)
+
+
+@dataclass
+class ModelSkeleton:
+    """A front and compressor whose weights are overwritten on every use."""
+
+    front: ClientFront
+    compressor: Compressor
+    spec: InputSpec
+
+
+@functools.lru_cache(maxsize=2)
+def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
+    data = load_data(cfg.dataset, cfg.data_dir)
+    vit = build_model(cfg, data)
+    front, _ = split_vit(vit, cfg.split_index)
+    return ModelSkeleton(front, build_compressor(cfg, data.num_classes), InputSpec.for_model(vit, data))
+
+
+@functools.lru_cache(maxsize=4)
+def partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
+    """Train-split indices per partition, identical in every process for the same config."""
+    data = load_data(cfg.dataset, cfg.data_dir)
+    return tuple(
+        partition_indices(
+            data.train.labels,
+            num_partitions,
+            cfg.partitioner,
+            alpha=cfg.alpha,
+            min_partition_size=cfg.min_partition_size,
+            classes_per_client=cfg.classes_per_client,
+            shards_per_client=cfg.shards_per_client,
+            seed=cfg.seed,
+        )
+    )
+
+
+@dataclass
+class ClientSetup:
+    """One client's view: its partition, batch order and a worker factory."""
+
+    cfg: RunConfig
+    partition_id: int
+    data: DataBundle
+    indices: np.ndarray
+    skeleton: ModelSkeleton
+
+    @property
+    def cursor_seed(self) -> int:
+        return step_seed(self.cfg.seed, self.partition_id)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return BatchCursor(self.indices, self.cfg.batch_size, self.cursor_seed).steps_per_epoch
+
+    def batch_indices(self, batch_number: int) -> np.ndarray:
+        """Batch ``batch_number`` of this client's endless, seeded stream (random access)."""
+        cursor = BatchCursor(self.indices, self.cfg.batch_size, self.cursor_seed, position=batch_number)
+        return cursor.next_batch()
+
+    def encode_seed(self, server_round: int, step: int) -> int:
+        return step_seed(self.cfg.seed, server_round, self.partition_id, step)
+
+    def worker(
+        self, front_state: dict[str, torch.Tensor], optimizer_state: dict | None
+    ) -> ClientWorker:
+        """A worker holding ``front_state``, with its optimizer restored when given."""
+        sk = self.skeleton
+        modules = client_modules(sk.front, sk.compressor)
+        load_modules_state(modules, front_state)
+        params = [p for m in modules.values() for p in m.parameters()]
+        optimizer = make_optimizer(params, self.cfg)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return ClientWorker(sk.front, sk.compressor, optimizer, self.data.train, sk.spec)
+
+
+def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientSetup:
+    """The cached setup for partition ``partition_id`` of ``num_partitions``."""
+    parts = partitions(cfg, num_partitions)
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
+    data = load_data(cfg.dataset, cfg.data_dir)
+    return ClientSetup(cfg, partition_id, data, parts[partition_id], model_skeleton(cfg))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what adc-flwr needs on a fresh machine: a virtual environment with the pinned
+# packages (.venv), and Fashion-MNIST from Debian's dataset-fashion-mnist when apt and root
+# are there. Idempotent: a second call only checks. Sourced by run.sh and test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
+    echo "adc-flwr needs Python 3.11 (flwr 1.41 and the torch 2.13 CPU wheel); found $("$PYTHON" --version)" >&2
+    exit 1
+}
+
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+    echo "[setup] creating .venv and installing pinned packages (about 2 minutes the first time)"
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    # torch==2.13.0 is pinned in pyproject; pip takes the CPU wheel from the local wheel dir
+    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+        apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
+    else
+        echo "[setup] Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist'" \
+             "or pass --run-config \"data-dir='/path/to/idx/files'\"" >&2
+    fi
+fi
+
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0

@@ -1,0 +1,18 @@
+"""Flower ServerApp: run config -> SplitLearningStrategy -> run directory."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from adc_flwr.config import RunConfig
+from strategies.experiment import run_experiment
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config, then train; failures are recorded in summary.json and re-raised."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    run_experiment(grid, cfg, num_nodes=cfg.min_nodes)

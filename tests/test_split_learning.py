@@ -1,0 +1,265 @@
+"""The ServerApp/Strategy/ClientApp loop through an in-process grid (no Ray).
+
+Runs on scikit-learn's digits (8×8, 17 tokens with the vit-cpu preset) so each run takes
+about a second.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from adc_flwr.compression import build_compressor
+from adc_flwr.config import RunConfig
+from adc_flwr.data import load_data
+from adc_flwr.model import split_vit
+from adc_flwr.results import RunDir
+from adc_flwr.training import InputSpec, build_model
+from clients import client_app as client_module
+from clients.setup import client_setup
+from strategies import experiment
+from strategies.experiment import build_strategy, run_experiment
+from strategies.inprocess_grid import InProcessGrid, set_task_identity
+
+
+def make_cfg(tmp_path: Path, **overrides: object) -> RunConfig:
+    base = {
+        "dataset": "digits",
+        "method": "none",
+        "num-server-rounds": 1,
+        "local-steps": 3,
+        "batch-size": 16,
+        "eval-samples": 64,
+        "out-dir": str(tmp_path),
+        "run-name": "t",
+    }
+    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
+
+
+def run(cfg: RunConfig, nodes: int, **grid_kwargs: object) -> tuple[dict, InProcessGrid]:
+    grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), **grid_kwargs)
+    lines: list[str] = []
+    summary = run_experiment(grid, cfg, num_nodes=nodes, progress=lines.append)
+    return summary, grid
+
+
+def strategy_after(cfg: RunConfig, nodes: int):
+    """Build a strategy, run it in process, return it (to inspect weights)."""
+    grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config())
+    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=nodes, progress=lambda _: None)
+    strategy.settle_s = 0.0
+    strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds)
+    return strategy, grid
+
+
+def test_split_sgd_equals_unsplit_training(tmp_path: Path) -> None:
+    """Method none, one client, SGD: 3 split steps == 3 steps of the whole model."""
+    cfg = make_cfg(tmp_path, optimizer="sgd", lr=0.05)
+    strategy, _ = strategy_after(cfg, nodes=1)
+
+    data = load_data(cfg.dataset)
+    reference = build_model(cfg, data)
+    spec = InputSpec.for_model(reference, data)
+    opt = torch.optim.SGD(reference.parameters(), lr=cfg.lr)
+    setup = client_setup(cfg, 0, 1)
+    for step in range(cfg.local_steps):
+        pixels, labels = spec.batch(data.train, setup.batch_indices(step))
+        loss = F.cross_entropy(reference(pixel_values=pixels).logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    ref_front, ref_back = split_vit(reference, cfg.split_index)
+    for ours, ref in ((strategy.client_modules["front"], ref_front), (strategy.server.back, ref_back)):
+        for (name, p), q in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
+    assert strategy.history[0]["clients"] == 1
+
+
+def test_adc_recompute_is_bit_exact(tmp_path: Path) -> None:
+    """The client's recomputed forward (with the saved plan) equals its first forward."""
+    cfg = make_cfg(tmp_path, method="adc", compression=0.25)
+    setup = client_setup(cfg, 0, 2)
+    data = load_data(cfg.dataset)
+    vit = build_model(cfg, data)
+    front, _ = split_vit(vit, cfg.split_index)
+    worker = setup.worker(
+        {f"front.{k}": v for k, v in front.state_dict().items()}, optimizer_state=None
+    )
+    idx = setup.batch_indices(0)
+    first, _ = worker.forward_packet(idx, seed=7)
+    again = worker._encode(idx, seed=123, plan=first.plan)  # another seed: the plan must rule
+    assert first.plan["assign"].shape == (len(idx),)
+    for name, tensor in first.tensors.items():
+        assert torch.equal(tensor, again.tensors[name].detach()), name
+    assert torch.equal(first.targets, again.targets)
+
+
+def test_state_survives_messages_and_rounds(tmp_path: Path) -> None:
+    """Front weights and Adam moments live in context.state across steps and rounds."""
+    cfg = make_cfg(tmp_path, method="adc", num_server_rounds=2)
+    _, grid = strategy_after(cfg, nodes=2)
+    for context in grid.contexts.values():
+        optim = torch.load(io.BytesIO(context.state["optim"]["state"]), weights_only=True)
+        steps = {int(s["step"]) for s in optim["state"].values()}
+        assert steps == {2 * cfg.local_steps}  # Adam's step counter ran on over both rounds
+        assert "pending" not in context.state  # nothing left in flight after the last step
+
+
+def test_fedavg_of_fronts_matches_hand_computation(tmp_path: Path) -> None:
+    set_task_identity()
+    strategy, _ = build_strategy(make_cfg(tmp_path), run_dir=None, num_nodes=1)
+    w1, w2 = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)
+    replies = []
+    for w, n in ((w1, 10), (w2, 30)):
+        content = RecordDict(
+            {
+                "front": ArrayRecord({"w": Array(w)}),
+                "metrics": MetricRecord({"num-examples": n}),
+            }
+        )
+        replies.append(Message(content, dst_node_id=1, message_type="train.start"))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), (10 * w1 + 30 * w2) / 40, rtol=1e-6)
+    assert metrics["num-examples"] == 40
+
+
+def test_run_writes_run_directory_and_counts_bytes(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, method="adc", compression=0.1, num_server_rounds=2)
+    summary, grid = run(cfg, nodes=2)
+    assert summary["status"] == "completed" and summary["stop_reason"] == "num-server-rounds"
+    assert summary["rounds"] == 2
+    # ADC at 0.1 sends about a tenth of the uncompressed activation bytes, up and down alike
+    assert 0.05 < summary["compression_ratio"] < 0.15
+    assert summary["bytes_down_grad"] == summary["bytes_up_act"]
+    metrics = RunDir(cfg.run_dir).read_metrics()
+    assert (metrics["kind"] == "step").sum() == 2 * cfg.local_steps
+    assert (metrics["kind"] == "eval").sum() == 2
+    assert metrics["bytes_up_act"].dropna().is_monotonic_increasing
+    # 2 nodes × (start + 3 steps) × 2 rounds, and nothing else
+    assert grid.messages_sent == 2 * (1 + cfg.local_steps) * 2
+
+
+def test_vanilla_relays_front_through_clients(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, sl_mode="vanilla", optimizer="sgd", lr=0.05)
+    strategy, grid = strategy_after(cfg, nodes=2)
+    # each client trained after the other: the server back took 2 × local-steps steps
+    assert len(strategy.history) == 1 and strategy.history[0]["clients"] == 2
+    assert strategy.global_step == 2 * cfg.local_steps
+    assert grid.messages_sent == 2 * (1 + cfg.local_steps)
+
+
+def test_failing_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, num_server_rounds=2)
+
+    def fail_partition_1(pid: int, msg: Message) -> None:
+        if pid == 1 and msg.metadata.message_type == "train.step":
+            raise RuntimeError("simulated crash")
+
+    summary, _ = run(cfg, nodes=3, before_call=fail_partition_1)
+    assert summary["status"] == "completed"
+    assert [h["clients"] for h in summary["history"]] == [2, 2]
+
+
+def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, step_timeout=0.05, num_server_rounds=2)
+    summary, grid = run(cfg, nodes=2, silent_nodes={0})
+    assert summary["status"] == "completed"
+    assert [h["clients"] for h in summary["history"]] == [1, 1]
+    # node 0 got its first start message only: never a second one while unanswered
+    assert grid.messages_sent == (1 + (1 + cfg.local_steps)) + (1 + cfg.local_steps)
+
+
+def test_no_client_left_ends_cleanly(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, num_server_rounds=3)
+
+    def fail_all(pid: int, msg: Message) -> None:
+        raise RuntimeError("down")
+
+    summary, _ = run(cfg, nodes=2, before_call=fail_all)
+    assert summary["status"] == "completed" and summary["stop_reason"] == "no-clients-left"
+    assert summary["rounds"] == 1
+
+
+def test_nan_loss_stops_with_message_and_keeps_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_cfg(tmp_path, local_steps=4)
+    real_step = experiment.ServerWorker.step
+    calls = {"n": 0}
+
+    def nan_on_third(self, packets):
+        calls["n"] += 1
+        loss, grads = real_step(self, packets)
+        return (math.nan if calls["n"] == 3 else loss), grads
+
+    monkeypatch.setattr(experiment.ServerWorker, "step", nan_on_third)
+    with pytest.raises(RuntimeError, match="diverged"):
+        run(cfg, nodes=1)
+    run_dir = RunDir(cfg.run_dir)
+    summary = run_dir.read_summary()
+    assert summary["status"] == "failed" and "nan" in summary["error"].lower()
+    assert (run_dir.read_metrics()["kind"] == "step").sum() == 2
+
+
+def test_budget_stops_the_run(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, local_steps=50, num_server_rounds=5, budget_mb=1.0)
+    summary, _ = run(cfg, nodes=2)
+    assert summary["status"] == "completed" and summary["stop_reason"] == "budget-mb"
+    sent = sum(summary[k] for k in ("bytes_up_act", "bytes_up_targets", "bytes_down_grad"))
+    total = sent + summary["bytes_model_sync"]
+    assert total >= 1e6
+    # it stopped in the step that crossed the budget: one step of traffic over it, at most,
+    # plus the front weights coming back
+    step_bytes = sent / len(RunDir(cfg.run_dir).read_metrics().query("kind == 'step'"))
+    assert total - 1e6 <= step_bytes + summary["bytes_model_sync"]
+
+
+def test_crash_then_resume_equals_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SGD (no optimizer state on clients): a resumed run ends with the same weights."""
+    whole = make_cfg(tmp_path / "a", optimizer="sgd", lr=0.05, num_server_rounds=3)
+    reference, _ = strategy_after(whole, nodes=2)
+
+    cfg = make_cfg(tmp_path / "b", optimizer="sgd", lr=0.05, num_server_rounds=3)
+    real_evaluate = experiment.SplitLearningStrategy.evaluate_round
+
+    def crash_in_round_2(self, server_round, outcome):
+        if server_round == 2:
+            raise RuntimeError("power cut")
+        return real_evaluate(self, server_round, outcome)
+
+    monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(cfg, nodes=2)
+    monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", real_evaluate)
+
+    lines: list[str] = []
+    grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
+    summary = run_experiment(grid, cfg, num_nodes=2, progress=lines.append)
+    assert any("resuming" in line for line in lines)
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    metrics = RunDir(cfg.run_dir).read_metrics()
+    assert (metrics["kind"] == "eval").sum() == 3  # no duplicate rows from the crashed round
+    assert (metrics["kind"] == "step").sum() == 3 * cfg.local_steps
+
+    state = RunDir(cfg.run_dir).load_checkpoint()
+    for name, value in reference.server.back.state_dict().items():
+        torch.testing.assert_close(state["back"][name], value, atol=1e-6, rtol=0, msg=name)
+
+    # a finished run is not redone
+    again = run_experiment(grid, cfg, num_nodes=2, progress=lines.append)
+    assert again["rounds"] == 3 and "already finished" in lines[-1]
+
+
+def test_compressor_mismatch_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="method='nope'.*choose one of"):
+        build_compressor(make_cfg(tmp_path, method="nope"), num_classes=10)
