@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DATASETS_HELP = "'fashion-mnist', 'digits', 'hf:<hub id>', 'parquet:<dir or file>' or 'imagefolder:<dir>'"
+DATASETS_HELP = (
+    "'fashion-mnist', 'digits', 'hf:<hub id>', 'parquet:<dir or file>' or 'imagefolder:<dir>'"
+)
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 POOLINGS = ("attention", "cls", "mean")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
@@ -52,8 +54,8 @@ class RunConfig:
     kmeans_tol: float = 1e-4
     wire_dtype: str = "float32"
     sl_mode: str = "splitfed"
-    num_server_rounds: int = 3
-    local_steps: int = 20
+    num_server_rounds: int = 5
+    local_steps: int = 40
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"
@@ -72,7 +74,7 @@ class RunConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's ``context.run_config`` (kebab-case keys); missing keys take defaults."""
+        """Build from Flower's ``context.run_config`` (kebab-case keys); absent keys: defaults."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in run_config.items():
@@ -154,7 +156,8 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
         return int(raw)
     if not isinstance(raw, expected):
         raise ConfigError(
-            f"run-config key {key!r}: expected {expected.__name__}, got {type(raw).__name__} {raw!r}"
+            f"run-config key {key!r}: expected {expected.__name__}, "
+            f"got {type(raw).__name__} {raw!r}"
         )
     return raw
 

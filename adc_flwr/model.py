@@ -39,10 +39,12 @@ __all__ = [
 # patch the automatic rule may pick (see `_auto_patch_size`).
 PRESETS: dict[str, dict[str, int]] = {
     "vit-cpu": {
-        "hidden_size": 96,
+        # sized for a 2-core CPU: about 3× cheaper per step than width 96 / MLP 384, and it
+        # reached the same Fashion-MNIST accuracy after the same number of split steps
+        "hidden_size": 64,
         "num_hidden_layers": 6,
-        "num_attention_heads": 3,
-        "intermediate_size": 384,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
         "patch_size": 4,
         "image_size": 0,
     },
@@ -150,7 +152,7 @@ def _load_pretrained(model: str, *, num_classes: int) -> ViTForImageClassificati
         if model.startswith(HUB_PREFIX):
             raise ModelError(
                 f"model {model!r}: cannot load {source!r} from the Hugging Face hub (the hub "
-                "is unreachable offline, or the id is wrong, gated or not cached). Save the "
+                "is unreachable from here, or the id is wrong or gated). Save the "
                 "model once where the hub is reachable (save_pretrained) and set model to "
                 f"that local directory. Cause: {err}"
             ) from err

@@ -65,7 +65,9 @@ def modules_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 def load_modules_state(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`modules_state`; every module must be covered exactly."""
     for prefix, module in modules.items():
-        part = {k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")}
+        part = {
+            k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")
+        }
         module.load_state_dict(part, strict=True)
 
 
@@ -125,9 +127,7 @@ class ClientWorker:
         """Weights of every client-side module, flat, as they travel for model sync."""
         return modules_state(self.trainable_modules())
 
-    def _encode(
-        self, idx: np.ndarray, seed: int, plan: dict[str, torch.Tensor] | None
-    ) -> Packet:
+    def _encode(self, idx: np.ndarray, seed: int, plan: dict[str, torch.Tensor] | None) -> Packet:
         pixels, labels = self.spec.batch(self.split, idx)
         h, cls_attn = self.front(pixels, with_cls_attention=True)  # (B, n, d), (B, n)
         encoder = self.compressor.client_module()
@@ -136,7 +136,7 @@ class ClientWorker:
         return self.compressor.encode(h, labels, cls_attn, plan=plan, seed=seed)
 
     def forward_packet(self, idx: np.ndarray, seed: int) -> tuple[Packet, float]:
-        """Forward and encode a batch; the graph is dropped, the plan kept. Returns compute seconds."""
+        """Forward and encode a batch (no graph kept, only the plan); returns compute seconds."""
         t0 = time.perf_counter()
         with torch.no_grad():
             packet = self._encode(idx, seed, plan=None)
@@ -149,7 +149,7 @@ class ClientWorker:
         plan: dict[str, torch.Tensor],
         grads: dict[str, torch.Tensor],
     ) -> float:
-        """Recompute the batch's forward with ``plan``, backpropagate ``grads``, step. Returns seconds."""
+        """Recompute the forward with ``plan``, backpropagate ``grads``, step; returns seconds."""
         t0 = time.perf_counter()
         packet = self._encode(idx, seed, plan=plan)
         sent = packet.grad_tensors()
@@ -159,7 +159,9 @@ class ClientWorker:
             raise ValueError(f"server returned no gradient for {sorted(missing)}")
         self.optimizer.zero_grad(set_to_none=True)
         names = sorted(sent)
-        torch.autograd.backward([sent[k] for k in names], [received[k].to(sent[k].dtype) for k in names])
+        torch.autograd.backward(
+            [sent[k] for k in names], [received[k].to(sent[k].dtype) for k in names]
+        )
         self.optimizer.step()
         return time.perf_counter() - t0
 

@@ -55,9 +55,13 @@ def step(msg: Message, context: Context) -> Message:
     worker = setup.worker(record_to_state(context.state[FRONT]), _optimizer_state(context))
     pending = context.state[PENDING]
     meta = context.state[PENDING_META]
-    plan = {k.removeprefix("plan."): v for k, v in pending.to_torch_state_dict().items() if k != "idx"}
+    plan = {
+        k.removeprefix("plan."): v for k, v in pending.to_torch_state_dict().items() if k != "idx"
+    }
     idx = pending["idx"].numpy()
-    compute_s = worker.apply_grads(idx, int(meta["seed"]), plan, record_to_grads(msg.content["grads"]))
+    compute_s = worker.apply_grads(
+        idx, int(meta["seed"]), plan, record_to_grads(msg.content["grads"])
+    )
     examples = int(meta["examples"]) + len(idx)
     if bool(config["last"]):
         metrics = MetricRecord(

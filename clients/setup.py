@@ -41,7 +41,9 @@ def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
     data = load_data(cfg.dataset, cfg.data_dir)
     vit = build_model(cfg, data)
     front, _ = split_vit(vit, cfg.split_index)
-    return ModelSkeleton(front, build_compressor(cfg, data.num_classes), InputSpec.for_model(vit, data))
+    return ModelSkeleton(
+        front, build_compressor(cfg, data.num_classes), InputSpec.for_model(vit, data)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,7 +84,9 @@ class ClientSetup:
 
     def batch_indices(self, batch_number: int) -> np.ndarray:
         """Batch ``batch_number`` of this client's endless, seeded stream (random access)."""
-        cursor = BatchCursor(self.indices, self.cfg.batch_size, self.cursor_seed, position=batch_number)
+        cursor = BatchCursor(
+            self.indices, self.cfg.batch_size, self.cursor_seed, position=batch_number
+        )
         return cursor.next_batch()
 
     def encode_seed(self, server_round: int, step: int) -> int:

@@ -17,7 +17,10 @@ RUN_NAME=${RUN_NAME:-run-$(date +%Y%m%d-%H%M%S)}
 export FLWR_HOME=${FLWR_HOME:-$(mktemp -d -t adc-flwr-home.XXXXXX)}
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
-export PATH="$PWD/.venv/bin:$PATH"
+# the ServerApp (2 threads) shares 2 cores with the client actors: spinning OpenMP threads
+# would steal their time
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+[ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
 
 stop_superlink() {
     # The SuperLink runs detached, in its own session: end that session (superexec,

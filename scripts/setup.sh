@@ -16,9 +16,9 @@ stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
     echo "[setup] creating .venv and installing pinned packages (about 2 minutes the first time)"
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    # torch==2.13.0 is pinned in pyproject; pip takes the CPU wheel from the local wheel dir
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    # torch==2.13.0 is pinned in pyproject; pip takes the CPU wheel from the local wheel dir.
+    # (This machine's pip config lists file:// indexes that may be absent: drop that noise.)
+    .venv/bin/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -225,7 +225,9 @@ class SplitLearningStrategy(Strategy):
         """Nodes without a message in flight (late replies are pulled and discarded)."""
         if self.in_flight:
             for reply in grid.pull_messages(list(self.in_flight.values())):
-                late = [n for n, i in self.in_flight.items() if i == reply.metadata.reply_to_message_id]
+                late = [
+                    n for n, i in self.in_flight.items() if i == reply.metadata.reply_to_message_id
+                ]
                 for node in late:
                     del self.in_flight[node]
         return [n for n in nodes if n not in self.in_flight]
@@ -281,7 +283,9 @@ class SplitLearningStrategy(Strategy):
             {
                 "round": server_round,
                 # batches consumed per partition id so far, so the data stream is resumable
-                "batches-done": [self.batches_done.get(i, 0) for i in range(self._num_partitions(nodes))],
+                "batches-done": [
+                    self.batches_done.get(i, 0) for i in range(self._num_partitions(nodes))
+                ],
             }
         )
         return [
@@ -350,10 +354,8 @@ class SplitLearningStrategy(Strategy):
                 if self.cfg.budget_mb > 0 and self.ledger.mb_sent >= self.cfg.budget_mb:
                     budget_hit = True
                 messages.append((node, record))
-            for node, record in messages:
-                client = active[node]
-                last = budget_hit or client.step + 1 >= client.steps
-                if last:
+            for node, _ in messages:
+                if budget_hit or active[node].step + 1 >= active[node].steps:
                     last_nodes.add(node)
             outcome.budget_hit |= budget_hit
             sent = [
@@ -455,7 +457,9 @@ class SplitLearningStrategy(Strategy):
 
     def _evaluate_now(self, server_round: int, step: int | None) -> tuple[float, float]:
         front = self.client_modules["front"]
-        acc, loss = evaluate(front, self.server.back, self.test_split, self.spec, self.cfg.eval_batch_size)
+        acc, loss = evaluate(
+            front, self.server.back, self.test_split, self.spec, self.cfg.eval_batch_size
+        )
         if self.run_dir is not None:
             self.run_dir.append_metrics(
                 {
@@ -498,5 +502,3 @@ class SplitLearningStrategy(Strategy):
             f"clients {row['clients']} | {row['wall_time_s']:.1f} s"
         )
         return row
-
-

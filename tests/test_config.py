@@ -24,7 +24,7 @@ def test_pyproject_keys_and_defaults_match_dataclass() -> None:
 
 
 def test_unknown_key_is_named() -> None:
-    with pytest.raises(ConfigError, match="'compresion'.*known keys"):
+    with pytest.raises(ConfigError, match=r"'compresion'.*known keys"):
         RunConfig.from_run_config({"compresion": 0.1})
 
 
@@ -52,9 +52,9 @@ def test_out_of_range_values_name_key_and_range(key: str, value: object, message
 
 
 def test_types_are_checked_and_ints_widen_to_floats() -> None:
-    with pytest.raises(ConfigError, match="'batch-size'.*expected int"):
+    with pytest.raises(ConfigError, match=r"'batch-size'.*expected int"):
         RunConfig.from_run_config({"batch-size": "64"})
-    with pytest.raises(ConfigError, match="'lr'.*expected float"):
+    with pytest.raises(ConfigError, match=r"'lr'.*expected float"):
         RunConfig.from_run_config({"lr": True})
     cfg = RunConfig.from_run_config({"lr": 1, "batch-size": 32.0})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)

@@ -33,13 +33,13 @@ def pixels(batch: int = 4, seed: int = 0) -> torch.Tensor:
 def test_vit_cpu_on_fashion_mnist_shapes() -> None:
     vit = build_vit("vit-cpu", num_classes=10, image_size=28, num_channels=1)
     cfg = vit.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (96, 6, 3)
-    assert (cfg.intermediate_size, cfg.patch_size) == (384, 4)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (64, 6, 2)
+    assert (cfg.intermediate_size, cfg.patch_size) == (128, 4)
     assert cfg.hidden_dropout_prob == 0.0 and cfg.attention_probs_dropout_prob == 0.0
     assert cfg._attn_implementation == "sdpa"
     assert model_input_spec(vit) == (28, 1)
     front, _ = split_vit(vit, 3)
-    assert front.num_tokens == 50 and front.hidden_size == 96
+    assert front.num_tokens == 50 and front.hidden_size == 64
     assert vit(torch.zeros(2, 1, 28, 28)).logits.shape == (2, 10)
 
 
@@ -201,7 +201,7 @@ def test_front_then_back_equals_the_whole_model(split_index: int, with_cls_atten
     front, back = split_vit(vit, split_index)
     x = pixels(6)
     h, cls_attn = front(x, with_cls_attention=with_cls_attention)
-    assert h.shape == (6, 17, 96)
+    assert h.shape == (6, 17, PRESETS["vit-cpu"]["hidden_size"])
     assert (cls_attn is not None) == with_cls_attention
     torch.testing.assert_close(back(h), vit(x).logits, rtol=0, atol=1e-5)
 

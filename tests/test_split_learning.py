@@ -77,7 +77,10 @@ def test_split_sgd_equals_unsplit_training(tmp_path: Path) -> None:
         opt.step()
 
     ref_front, ref_back = split_vit(reference, cfg.split_index)
-    for ours, ref in ((strategy.client_modules["front"], ref_front), (strategy.server.back, ref_back)):
+    for ours, ref in (
+        (strategy.client_modules["front"], ref_front),
+        (strategy.server.back, ref_back),
+    ):
         for (name, p), q in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
             torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
     assert strategy.history[0]["clients"] == 1
@@ -261,5 +264,5 @@ def test_crash_then_resume_equals_uninterrupted_run(
 
 
 def test_compressor_mismatch_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="method='nope'.*choose one of"):
+    with pytest.raises(ValueError, match=r"method='nope'.*choose one of"):
         build_compressor(make_cfg(tmp_path, method="nope"), num_classes=10)

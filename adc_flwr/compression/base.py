@@ -90,7 +90,7 @@ class Compressor(ABC):
         """Server side: received tensors -> ``(B', k, d)`` activation for the server back."""
 
     def client_module(self) -> nn.Module | None:
-        """Learned client-side part (e.g. a bottleneck encoder); trained and averaged with the front."""
+        """Learned client-side part (a bottleneck encoder): trains and averages with the front."""
         return None
 
     def server_module(self) -> nn.Module | None:

@@ -1,0 +1,144 @@
+"""What Flower costs: the same split-learning steps through `flwr run` and in a plain loop.
+
+Both runs use 4 clients, the vit-cpu preset on Fashion-MNIST, SplitFed, and the same front,
+compressor and back code (adc_flwr.training). The plain loop calls the client and server
+workers directly in one process (with the same recompute-on-backward protocol) and does no
+serialisation; the Flower run goes through Ray actors, messages and the codec. Per-step wall
+times come from metrics.csv (Flower) and perf_counter (plain); Ray start-up and evaluation are
+excluded from both and start-up is printed apart.
+
+    python benchmarks/bench_overhead.py [--steps 20] [--methods none,adc]
+
+Last line: ``flower_overhead_ratio=<median Flower step / median plain step>`` for ADC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adc_flwr.codec import ReceivedPacket  # noqa: E402
+from adc_flwr.config import RunConfig  # noqa: E402
+from adc_flwr.training import ClientWorker, make_optimizer  # noqa: E402
+from clients.setup import client_setup  # noqa: E402
+from strategies.experiment import build_strategy  # noqa: E402
+from strategies.inprocess_grid import set_task_identity  # noqa: E402
+
+NUM_CLIENTS = 4
+
+
+def run_config(method: str, steps: int) -> dict:
+    return {
+        "method": method,
+        "num-server-rounds": 1,
+        "local-steps": steps,
+        "eval-samples": 200,
+    }
+
+
+def flower_step_times(method: str, steps: int, out_dir: Path) -> tuple[list[float], float]:
+    """Per-step seconds of a `flwr run` (from metrics.csv) and the whole command's seconds."""
+    pairs = " ".join(
+        f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+        for k, v in run_config(method, steps).items()
+    )
+    env = os.environ | {"OUT_DIR": str(out_dir), "RUN_NAME": f"overhead-{method}"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    t0 = time.perf_counter()
+    subprocess.run(
+        [
+            "bash",
+            "scripts/flwr_run.sh",
+            pairs,
+            f"num-supernodes={NUM_CLIENTS} client-resources-num-cpus=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    total = time.perf_counter() - t0
+    metrics = pd.read_csv(out_dir / f"overhead-{method}" / "metrics.csv")
+    wall = metrics.loc[metrics["kind"] == "step", "wall_time_s"].to_numpy()
+    return list(wall[1:] - wall[:-1]), total
+
+
+def plain_step_times(method: str, steps: int) -> list[float]:
+    """The same steps with the workers called directly, no Flower, no serialisation."""
+    set_task_identity()
+    cfg = RunConfig.from_run_config(run_config(method, steps) | {"out-dir": tempfile.mkdtemp()})
+    strategy, _ = build_strategy(cfg, run_dir=None, num_nodes=NUM_CLIENTS, progress=lambda _: None)
+    server = strategy.server
+    workers, setups = [], []
+    for pid in range(NUM_CLIENTS):
+        setup = client_setup(cfg, pid, NUM_CLIENTS)
+        front = copy.deepcopy(strategy.client_modules["front"])
+        compressor = setup.skeleton.compressor
+        opt = make_optimizer(list(front.parameters()), cfg)
+        workers.append(ClientWorker(front, compressor, opt, setup.data.train, setup.skeleton.spec))
+        setups.append(setup)
+
+    def forward(step: int) -> list:
+        return [
+            w.forward_packet(s.batch_indices(step), s.encode_seed(1, step))[0]
+            for w, s in zip(workers, setups, strict=True)
+        ]
+
+    packets = forward(0)
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        received = [
+            ReceivedPacket(
+                {k: v.detach().float().requires_grad_() for k, v in p.tensors.items()},
+                p.targets,
+                p.soft_targets,
+            )
+            for p in packets
+        ]
+        _, grads = server.step(received)
+        for w, s, p, g in zip(workers, setups, packets, grads, strict=True):
+            w.apply_grads(s.batch_indices(step), s.encode_seed(1, step), p.plan, g)
+        if step + 1 < steps:
+            packets = forward(step + 1)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--methods", default="none,adc")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    ratios = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            flower, total = flower_step_times(method, args.steps, Path(tmp))
+            plain = plain_step_times(method, args.steps)
+            f_med, p_med = statistics.median(flower), statistics.median(plain)
+            ratios[method] = f_med / p_med
+            print(
+                f"{method:>5}: {args.steps} steps x {NUM_CLIENTS} clients | "
+                f"flwr run step median {f_med * 1e3:.0f} ms | plain loop step median "
+                f"{p_med * 1e3:.0f} ms | ratio {ratios[method]:.2f} | "
+                f"whole flwr run command {total:.1f} s (Ray start-up and evaluation included)"
+            )
+    print(f"flower_overhead_ratio={ratios.get('adc', next(iter(ratios.values()))):.3f}")
+
+
+if __name__ == "__main__":
+    main()
