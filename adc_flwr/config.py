@@ -50,6 +50,15 @@ class RunConfig:
     batch_compression: float = 0.0
     token_compression: float = 0.0
     pooling: str = "attention"
+    c3sl_r: int = 0
+    quant_bits: int = 0
+    quant_granularity: str = "token"
+    random_topk_p: float = 0.1
+    bottlenet_width: int = 0
+    bottlenet_layers: int = 2
+    pq_subvectors: int = 0
+    pq_centroids: int = 0
+    pq_lambda: float = 0.0
     kmeans_iters: int = 50
     kmeans_tol: float = 1e-4
     wire_dtype: str = "float32"
@@ -220,6 +229,15 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "batch-compression": _in_range(0, 1),
     "token-compression": _in_range(0, 1),
     "pooling": _one_of(*POOLINGS),
+    "c3sl-r": _in_range(0),
+    "quant-bits": _in_range(0, 16),
+    "quant-granularity": _one_of("token", "tensor"),
+    "random-topk-p": _in_range(0, 1),
+    "bottlenet-width": _in_range(0),
+    "bottlenet-layers": _in_range(1, 8),
+    "pq-subvectors": _in_range(0),
+    "pq-centroids": _in_range(0),
+    "pq-lambda": _in_range(0),
     "kmeans-iters": _in_range(1),
     "kmeans-tol": _in_range(0),
     "wire-dtype": _one_of(*WIRE_DTYPES),

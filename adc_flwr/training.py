@@ -190,21 +190,19 @@ class ServerWorker:
         Returns the loss and, per packet, the gradients w.r.t. its transmitted tensors.
         """
         decoder = self.compressor.server_module()
-        h_parts, target_parts = [], []
+        h_parts, target_parts, leaves = [], [], []
         for p in packets:
-            h = self.compressor.decode(p.tensors)  # (B_i, k, d)
+            h, grad_leaves = self.compressor.server_decode(p.tensors)  # (B_i, k, d)
             h_parts.append(decoder(h) if decoder is not None else h)
             target_parts.append(p.targets)
+            leaves.append(grad_leaves)
         soft = packets[0].soft_targets
         logits = self.back(torch.cat(h_parts))  # (sum B_i, C)
         loss = split_loss(logits, torch.cat(target_parts), soft)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        grads = []
-        for p in packets:
-            g = {k: t.grad for k, t in p.tensors.items() if t.requires_grad}
-            grads.append(self.compressor.compress_grads(g))
+        grads = [self.compressor.compress_grads({k: t.grad for k, t in g.items()}) for g in leaves]
         return float(loss.detach()), grads
 
 

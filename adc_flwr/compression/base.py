@@ -34,15 +34,22 @@ class Packet:
         plan: client-side only, never sent: what ``encode(..., plan=plan)`` needs to
             recompute exactly the same packet (cluster ids, token indices, masks, seeds).
             Small tensors, kept in Flower's ``context.state`` between messages.
+        anchors: client-side only, never sent: the differentiable tensors the server's
+            gradients refer to, when these are not the floating wire tensors themselves
+            (quantisation sends integer codes; its anchor is the straight-through
+            dequantised activation). Empty: the floating wire tensors are the anchors.
     """
 
     tensors: dict[str, torch.Tensor]
     targets: torch.Tensor
     soft_targets: bool = False
     plan: dict[str, torch.Tensor] = field(default_factory=dict)
+    anchors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def grad_tensors(self) -> dict[str, torch.Tensor]:
-        """The transmitted tensors whose gradients come back from the server."""
+        """The client tensors whose gradients come back from the server, by name."""
+        if self.anchors:
+            return dict(self.anchors)
         return {k: t for k, t in self.tensors.items() if t.is_floating_point() and t.requires_grad}
 
 
@@ -88,6 +95,19 @@ class Compressor(ABC):
     @abstractmethod
     def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Server side: received tensors -> ``(B', k, d)`` activation for the server back."""
+
+    def server_decode(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Server side, training: the activation and the leaves whose gradients go back.
+
+        Default: the received floating tensors (leaves with ``requires_grad``) are the leaves,
+        so gradients travel at the packet's shape. Methods whose wire tensors are not
+        differentiable (integer codes) return the decoded activation as a fresh leaf instead,
+        named like the client's ``Packet.anchors``.
+        """
+        leaves = {k: t for k, t in tensors.items() if t.is_floating_point() and t.requires_grad}
+        return self.decode(tensors), leaves
 
     def client_module(self) -> nn.Module | None:
         """Learned client-side part (a bottleneck encoder): trains and averages with the front."""
