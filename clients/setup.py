@@ -22,6 +22,7 @@ from adc_flwr.training import (
     build_model,
     client_modules,
     load_modules_state,
+    load_optimizer_tensors,
     make_optimizer,
     step_seed,
 )
@@ -93,7 +94,9 @@ class ClientSetup:
         return step_seed(self.cfg.seed, server_round, self.partition_id, step)
 
     def worker(
-        self, front_state: dict[str, torch.Tensor], optimizer_state: dict | None
+        self,
+        front_state: dict[str, torch.Tensor],
+        optimizer_state: dict[str, torch.Tensor] | None,
     ) -> ClientWorker:
         """A worker holding ``front_state``, with its optimizer restored when given."""
         sk = self.skeleton
@@ -102,7 +105,7 @@ class ClientSetup:
         params = [p for m in modules.values() for p in m.parameters()]
         optimizer = make_optimizer(params, self.cfg)
         if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+            load_optimizer_tensors(optimizer, optimizer_state)
         return ClientWorker(sk.front, sk.compressor, optimizer, self.data.train, sk.spec)
 
 
