@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from adc_flwr.accounting import TrafficLedger
+from adc_flwr.channel import build_channel
 from adc_flwr.codec import state_to_record
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import RunConfig
@@ -53,7 +54,9 @@ def build_strategy(
     server_params = list(back.parameters())
     if (decoder := compressor.server_module()) is not None:
         server_params += list(decoder.parameters())
-    server = ServerWorker(back, compressor, make_optimizer(server_params, cfg))
+    server = ServerWorker(
+        back, compressor, make_optimizer(server_params, cfg), channel=build_channel(cfg)
+    )
     modules = client_modules(front, compressor)
     strategy = SplitLearningStrategy(
         cfg,
@@ -82,6 +85,7 @@ def checkpoint_state(strategy: SplitLearningStrategy, server_round: int) -> dict
     Client optimizer moments live in the clients' ``context.state`` and restart on resume.
     """
     decoder = strategy.server.compressor.server_module()
+    channel = strategy.server.channel
     return {
         "round": server_round,
         "global_step": strategy.global_step,
@@ -94,6 +98,7 @@ def checkpoint_state(strategy: SplitLearningStrategy, server_round: int) -> dict
         "history": list(strategy.history),
         "sampler_state": list(strategy.sampler_state()),
         "torch_rng": torch.get_rng_state(),
+        "channel_rng": None if channel is None else channel.state(),  # noise stream position
         "wall_time_s": strategy.elapsed(),
     }
 
@@ -110,6 +115,8 @@ def restore(strategy: SplitLearningStrategy, state: dict[str, Any]) -> None:
     strategy.history = list(state["history"])
     strategy.set_sampler_state(state["sampler_state"])
     torch.set_rng_state(state["torch_rng"])
+    if strategy.server.channel is not None and state.get("channel_rng") is not None:
+        strategy.server.channel.load_state(state["channel_rng"])
     strategy.start_round = int(state["round"]) + 1
     strategy.global_step = int(state["global_step"])
     strategy.wall_offset = float(state["wall_time_s"])

@@ -307,6 +307,8 @@ class SplitLearningStrategy(Strategy):
         """All sampled clients in parallel, one server batch per step; FedAvg at the end."""
         nodes = self.sample_nodes(grid)
         outcome = self.run_clients(grid, server_round, arrays, nodes)
+        # sum in partition order, not arrival order: float sums then repeat bit for bit
+        outcome.finished.sort(key=lambda reply: int(reply.content["metrics"]["partition-id"]))
         new_arrays, _ = self.aggregate_train(server_round, outcome.finished)
         return outcome, new_arrays
 
@@ -405,7 +407,9 @@ class SplitLearningStrategy(Strategy):
         self, server_round: int, step: int, active: dict[int, ClientRound]
     ) -> tuple[float, dict[int, dict[str, torch.Tensor]]]:
         """Decode every active client's packet, one server batch, gradients per client."""
-        nodes = list(active)
+        # fixed order (by partition), whatever order the replies arrived in: the server batch,
+        # and with it every seeded draw after it (channel noise), is reproducible
+        nodes = sorted(active, key=lambda node: active[node].partition_id)
         packets = []
         for node in nodes:
             client = active[node]
