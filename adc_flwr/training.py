@@ -250,9 +250,20 @@ class ServerWorker:
 
 @torch.no_grad()
 def evaluate(
-    front: ClientFront, back: ServerBack, split: ImageSplit, spec: InputSpec, batch_size: int
+    front: ClientFront,
+    back: ServerBack,
+    split: ImageSplit,
+    spec: InputSpec,
+    batch_size: int,
+    *,
+    encoder: nn.Module | None = None,
+    decoder: nn.Module | None = None,
 ) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of front+back on ``split``, without compression."""
+    """Accuracy and mean cross-entropy of front+back on ``split``, without compression.
+
+    A learned bottleneck (``encoder``/``decoder``) is part of the model the back was trained
+    on, so it stays in the path; no lossy encoding (clustering, sparsification) is applied.
+    """
     front.eval()
     back.eval()
     correct, loss_sum = 0, 0.0
@@ -261,6 +272,8 @@ def evaluate(
         idx = np.arange(start, min(start + batch_size, n))
         pixels, labels = spec.batch(split, idx)
         h, _ = front(pixels, with_cls_attention=False)
+        if encoder is not None and decoder is not None:
+            h = decoder(encoder(h))
         logits = back(h)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())

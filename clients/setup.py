@@ -43,7 +43,9 @@ def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
     vit = build_model(cfg, data)
     front, _ = split_vit(vit, cfg.split_index)
     return ModelSkeleton(
-        front, build_compressor(cfg, data.num_classes), InputSpec.for_model(vit, data)
+        front,
+        build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size),
+        InputSpec.for_model(vit, data),
     )
 
 

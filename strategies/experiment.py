@@ -50,7 +50,7 @@ def build_strategy(
     data = load_data(cfg.dataset, cfg.data_dir)
     vit = build_model(cfg, data)
     front, back = split_vit(vit, cfg.split_index)
-    compressor = build_compressor(cfg, data.num_classes)
+    compressor = build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)
     server_params = list(back.parameters())
     if (decoder := compressor.server_module()) is not None:
         server_params += list(decoder.parameters())

@@ -460,9 +460,14 @@ class SplitLearningStrategy(Strategy):
         )
 
     def _evaluate_now(self, server_round: int, step: int | None) -> tuple[float, float]:
-        front = self.client_modules["front"]
         acc, loss = evaluate(
-            front, self.server.back, self.test_split, self.spec, self.cfg.eval_batch_size
+            self.client_modules["front"],
+            self.server.back,
+            self.test_split,
+            self.spec,
+            self.cfg.eval_batch_size,
+            encoder=self.client_modules.get("encoder"),
+            decoder=self.server.compressor.server_module(),
         )
         if self.run_dir is not None:
             self.run_dir.append_metrics(

@@ -92,7 +92,9 @@ class ADCCompressor(Compressor):
         self.kmeans_tol = float(kmeans_tol)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_classes: int) -> ADCCompressor:
+    def from_config(
+        cls, cfg: RunConfig, num_classes: int, *, hidden_size: int | None = None
+    ) -> ADCCompressor:
         """Read ``compression`` / ``batch-compression`` / ``token-compression``, ``pooling``
         and the K-means settings."""
         xi_b, xi_t = cfg.compression_split

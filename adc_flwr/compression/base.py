@@ -66,8 +66,14 @@ class Compressor(ABC):
         self.num_classes = num_classes
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_classes: int) -> Compressor:
-        """Build from the run config; methods with parameters override this."""
+    def from_config(
+        cls, cfg: RunConfig, num_classes: int, *, hidden_size: int | None = None
+    ) -> Compressor:
+        """Build from the run config; methods with parameters override this.
+
+        ``hidden_size`` is the front's output width d, for methods with learned parts sized
+        by it (BottleNet++); the others ignore it.
+        """
         return cls(num_classes)
 
     @abstractmethod

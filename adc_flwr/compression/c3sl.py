@@ -110,7 +110,9 @@ class C3SLCompressor(Compressor):
         self._spectra: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_classes: int) -> C3SLCompressor:
+    def from_config(
+        cls, cfg: RunConfig, num_classes: int, *, hidden_size: int | None = None
+    ) -> C3SLCompressor:
         """``R`` from ``c3sl-r`` or ``compression``; keys from ``seed``; checks ``batch-size``."""
         r = group_size(cfg.compression, cfg.c3sl_r)
         return cls(num_classes, r=r, seed=cfg.seed, batch_size=cfg.batch_size)

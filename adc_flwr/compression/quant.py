@@ -171,7 +171,9 @@ class QuantCompressor(Compressor):
         self.side_dtype = _SIDE_DTYPES[wire_dtype]
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_classes: int) -> QuantCompressor:
+    def from_config(
+        cls, cfg: RunConfig, num_classes: int, *, hidden_size: int | None = None
+    ) -> QuantCompressor:
         """``b`` from ``quant-bits`` or ``compression``; ``quant-granularity``; ``wire-dtype``."""
         return cls(
             num_classes,

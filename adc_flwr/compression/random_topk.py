@@ -40,7 +40,9 @@ class RandomTopKCompressor(TopKCompressor):
         self.p = float(p)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_classes: int) -> RandomTopKCompressor:
+    def from_config(
+        cls, cfg: RunConfig, num_classes: int, *, hidden_size: int | None = None
+    ) -> RandomTopKCompressor:
         """Read ``compression`` and ``random-topk-p``."""
         return cls(num_classes, compression=cfg.compression, p=cfg.random_topk_p)
 

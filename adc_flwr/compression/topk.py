@@ -79,7 +79,9 @@ class TopKCompressor(Compressor):
         self.compression = float(compression)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_classes: int) -> TopKCompressor:
+    def from_config(
+        cls, cfg: RunConfig, num_classes: int, *, hidden_size: int | None = None
+    ) -> TopKCompressor:
         """Read ``compression``."""
         return cls(num_classes, compression=cfg.compression)
 

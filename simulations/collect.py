@@ -1,0 +1,290 @@
+"""Gather a sweep's run directories into one table (and accuracy-vs-MB curves).
+
+:func:`collect` reads every ``<results_dir>/<run>/config.json`` + ``summary.json`` (one row
+per run) and writes ``<results_dir>/table.csv`` atomically, so notebooks and BENCHMARKS.md
+read one file rather than walking run directories. :func:`curves` returns the evaluation
+rows of every ``metrics.csv`` (accuracy against cumulative MB) for plots.
+
+    python -m simulations.collect results/paper_sweep [--values test_accuracy] [--long]
+
+prints a markdown pivot (method × compression level -> accuracy) for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from adc_flwr.config import RunConfig
+from adc_flwr.results import CONFIG_FILE, RunDir, atomic_write_text
+
+TABLE_FILE = "table.csv"
+# the order methods are listed in (DESIGN.md section 2); others follow alphabetically
+METHOD_ORDER = ("none", "adc", "topk", "random-topk", "c3sl", "bottlenet", "quant", "pq")
+# keys folded into `level`, so a pivot by level needs none of them as columns
+LEVEL_KEYS = ("compression", "c3sl-r", "quant-bits", "batch-compression", "token-compression")
+CONFIG_KEYS = tuple(k for k in RunConfig().to_run_config() if k not in ("out-dir", "run-name"))
+RESULT_COLUMNS = (
+    "status",
+    "stop_reason",
+    "test_accuracy",
+    "test_loss",
+    "mb_up",
+    "mb_down",
+    "mb_sync",
+    "mb_total",
+    "compression_ratio",
+    "rounds",
+    "steps",
+    "wall_time_s",
+    "error",
+)
+BYTES_PER_MB = 1e6  # as accounting.py: MB = 1e6 bytes
+
+
+def nominal_level(config: Mapping[str, Any]) -> float:
+    """The compression level a run was swept at, on one axis for every method.
+
+    ``compression``, except: 1 for ``none``; 1/R for C3-SL with ``c3sl-r``; bits/32 for
+    quant with ``quant-bits``; xi_b·xi_t for ADC with both given. The measured ratio is
+    ``compression_ratio``; this is the knob, for grouping and pivots.
+    """
+    method = config.get("method")
+    if method == "none":
+        return 1.0
+    if method == "c3sl" and config.get("c3sl-r", 0) > 0:
+        return 1.0 / config["c3sl-r"]
+    if method == "quant" and config.get("quant-bits", 0) > 0:
+        return config["quant-bits"] / 32
+    xi_b, xi_t = config.get("batch-compression", 0.0), config.get("token-compression", 0.0)
+    if method == "adc" and xi_b > 0 and xi_t > 0:
+        return xi_b * xi_t
+    return float(config.get("compression", RunConfig.compression))
+
+
+def _runs(results_dir: str | os.PathLike[str]) -> list[tuple[RunDir, dict[str, Any]]]:
+    """The run directories under ``results_dir`` (those with a config.json) and configs."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"{results_dir} is not a directory of runs")
+    paths = sorted(p for p in results_dir.iterdir() if (p / CONFIG_FILE).is_file())
+    return [(run, run.read_config() or {}) for run in map(RunDir, paths)]
+
+
+def _swept_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Config keys whose value is not the same in every run, in config order."""
+    return [k for k in CONFIG_KEYS if len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+
+def _mb(values: Mapping[str, Any]) -> dict[str, Any]:
+    """MB up (activations + targets), down (gradients), model sync, and their total.
+
+    ``values`` holds byte counts: scalars (a summary; None when unknown) or columns.
+    """
+
+    def get(key: str) -> Any:
+        value = values.get(key)
+        return math.nan if value is None else value
+
+    up = get("bytes_up_act") + get("bytes_up_targets")
+    down, sync = get("bytes_down_grad"), get("bytes_model_sync")
+    return {
+        "mb_up": up / BYTES_PER_MB,
+        "mb_down": down / BYTES_PER_MB,
+        "mb_sync": sync / BYTES_PER_MB,
+        "mb_total": (up + down + sync) / BYTES_PER_MB,
+    }
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    """Methods in DESIGN order, unknown ones after them alphabetically."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per run of ``results_dir``; also written to ``<results_dir>/table.csv``.
+
+    Columns: run, method, compression, level, the keys that vary between runs, then
+    :data:`RESULT_COLUMNS`. A run without a summary (running, or killed) has status
+    ``incomplete`` and blank results.
+    """
+    runs = _runs(results_dir)
+    swept = [k for k in _swept_keys([c for _, c in runs]) if k not in ("method", "compression")]
+    rows = []
+    for run, config in runs:
+        summary = run.read_summary() or {}
+        metrics = run.read_metrics()
+        rows.append(
+            {
+                "run": run.path.name,
+                "method": config.get("method"),
+                "compression": config.get("compression"),
+                "level": nominal_level(config),
+                **{k: config.get(k) for k in swept},
+                "status": summary.get("status", "incomplete"),
+                "stop_reason": summary.get("stop_reason"),
+                "test_accuracy": summary.get("test_accuracy"),
+                "test_loss": summary.get("test_loss"),
+                **_mb(summary),
+                "compression_ratio": summary.get("compression_ratio"),
+                "rounds": summary.get("rounds"),
+                "steps": int((metrics["kind"] == "step").sum()),
+                "wall_time_s": summary.get("wall_time_s"),
+                "error": summary.get("error"),
+            }
+        )
+    columns = ["run", "method", "compression", "level", *swept, *RESULT_COLUMNS]
+    table = pd.DataFrame(rows, columns=columns)
+    if len(table):
+        rank = table["method"].map(_method_rank)
+        table = (
+            table.assign(_rank=rank)
+            .sort_values(["_rank", "level", "run"], kind="stable")
+            .drop(columns="_rank")
+            .reset_index(drop=True)
+        )
+    atomic_write_text(Path(results_dir) / TABLE_FILE, table.to_csv(index=False))
+    return table
+
+
+def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every run's evaluation rows: accuracy against cumulative MB (and steps) for plots.
+
+    Columns: run, method, level, the keys that vary between runs, then round, step (global
+    training steps done before the evaluation), test_accuracy, test_loss, mb_up, mb_down,
+    mb_sync, mb_total, compression_ratio, sim_time_s, wall_time_s.
+    """
+    runs = _runs(results_dir)
+    swept = [k for k in _swept_keys([c for _, c in runs]) if k != "method"]
+    frames = []
+    for run, config in runs:
+        metrics = run.read_metrics()
+        steps_done = (metrics["kind"] == "step").cumsum()
+        evals = metrics[metrics["kind"] == "eval"]
+        if evals.empty:
+            continue
+        frame = pd.DataFrame(
+            {
+                "run": run.path.name,
+                "method": config.get("method"),
+                "level": nominal_level(config),
+                **{k: config.get(k) for k in swept},
+                "round": evals["round"].to_numpy(),
+                "step": steps_done[evals.index].to_numpy(),
+                "test_accuracy": evals["test_accuracy"].to_numpy(),
+                "test_loss": evals["test_loss"].to_numpy(),
+            }
+        )
+        for key, values in _mb(evals).items():  # cumulative byte counts at each evaluation
+            frame[key] = values.to_numpy()
+        for key in ("compression_ratio", "sim_time_s", "wall_time_s"):
+            frame[key] = evals[key].to_numpy()
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["run", "method", "level", *swept, "round", "step"])
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---- markdown -------------------------------------------------------------------------
+
+
+def pivot(table: pd.DataFrame, values: str = "test_accuracy") -> pd.DataFrame:
+    """Completed runs, method (rows) × level or the other swept keys (columns) -> ``values``.
+
+    The columns are the swept keys besides the method and the level's own keys (an
+    ablation's pooling, batch size, split index), plus the level when it varies; with none
+    of those, the level.
+    """
+    done = table[table["status"] == "completed"]
+    others = [
+        c
+        for c in table.columns
+        if c in CONFIG_KEYS and c not in ("method", *LEVEL_KEYS) and table[c].nunique() > 1
+    ]
+    columns = others + (["level"] if not others or table["level"].nunique() > 1 else [])
+    result = done.pivot_table(index="method", columns=columns, values=values, aggfunc="first")
+    return result.loc[sorted(result.index, key=_method_rank)]
+
+
+def to_markdown(frame: pd.DataFrame, fmt: str = "{:.3f}") -> str:
+    """A plain markdown table (pandas' own needs the optional ``tabulate`` package).
+
+    Float cells use ``fmt`` (NaN is blank); index and column labels use ``:g``.
+    """
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else fmt.format(value)
+        return "" if value is None else str(value)
+
+    def label(value: Any) -> str:
+        if isinstance(value, tuple):  # several column keys
+            return ", ".join(label(v) for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    column_names = ", ".join(str(n) for n in frame.columns.names if n is not None)
+    corner = str(frame.index.name or "") + (f" \\ {column_names}" if column_names else "")
+    header = [corner, *(label(c) for c in frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for index, row in frame.iterrows():
+        lines.append("| " + " | ".join([label(index), *(cell(v) for v in row)]) + " |")
+    return "\n".join(lines)
+
+
+def markdown_pivot(table: pd.DataFrame, values: str = "test_accuracy") -> str:
+    """:func:`pivot` as markdown; MB and seconds with one decimal, the rest with three."""
+    if table.empty or not (table["status"] == "completed").any():
+        return "(no completed runs)"
+    fmt = "{:.1f}" if values.startswith(("mb_", "wall_time")) else "{:.3f}"
+    return to_markdown(pivot(table, values), fmt)
+
+
+LONG_COLUMNS = (
+    "run",
+    "level",
+    "compression_ratio",
+    "test_accuracy",
+    "mb_total",
+    "steps",
+    "stop_reason",
+    "wall_time_s",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.collect",
+        description="Collect a sweep's runs into table.csv and print a markdown pivot.",
+    )
+    parser.add_argument("results_dir", help="a sweep's directory, e.g. results/paper_sweep")
+    parser.add_argument("--values", default="test_accuracy", help="pivot cell column")
+    parser.add_argument("--long", action="store_true", help="also print one row per run")
+    args = parser.parse_args(argv)
+    try:
+        table = collect(args.results_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.values not in table.columns:
+        print(f"error: --values {args.values!r} is not a column of {TABLE_FILE}", file=sys.stderr)
+        return 2
+    print(f"{len(table)} runs -> {Path(args.results_dir) / TABLE_FILE}\n")
+    print(markdown_pivot(table, args.values))
+    if args.long and len(table):
+        print()
+        print(to_markdown(table.set_index("method")[list(LONG_COLUMNS)], "{:.4g}"))
+    return 0
+
+
+__all__ = ["collect", "curves", "markdown_pivot", "nominal_level", "pivot", "to_markdown"]
+
+if __name__ == "__main__":
+    sys.exit(main())

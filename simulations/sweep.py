@@ -1,0 +1,608 @@
+"""Named experiments: a TOML grid of run configs, swept point by point, then collected.
+
+An experiment file (``simulations/experiments/<name>.toml``) has:
+
+- ``[base]``: run-config keys (kebab-case, those of pyproject's ``[tool.flwr.app.config]``)
+  shared by every point;
+- one or more ``[[grid]]`` tables whose values are lists: each table gives the cartesian
+  product of its lists, and the tables are unioned (so "methods × compression levels" and
+  "C3-SL R in {2, ..., 32}" live in one file). A key of the form ``"a,b"`` sweeps ``a`` and
+  ``b`` together: its list holds ``[a, b]`` pairs (e.g. ADC's (xi_b, xi_t) at fixed xi);
+- optionally ``[sweep]``: ``nodes`` (SuperNodes, default 1, as in the paper's single
+  client) and ``description``.
+
+Every point is validated with :meth:`RunConfig.from_run_config` (and its compressor built
+when the method is registered) before anything runs, so a typo fails in a second, not after
+an hour of sweeping. A point's run name is derived from the values swept for it
+(``adc-c0.1``, ``c3sl-r4``); results go to ``<results-root>/<experiment>/<run-name>``.
+
+    python -m simulations.sweep paper_sweep [--results-root results] [--runner inprocess|flwr]
+                                [--only method=adc] [--dry-run] [--nodes N]
+
+Finished points are skipped, so an interrupted sweep is resumed by running it again; a
+failed point is reported and the sweep goes on; the exit status is non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import difflib
+import fnmatch
+import itertools
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adc_flwr.config import ConfigError, RunConfig
+from adc_flwr.results import RunDir, atomic_write_json
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+ROOT = Path(__file__).resolve().parents[1]
+FLWR_RUN_SCRIPT = ROOT / "scripts" / "flwr_run.sh"
+RUNNERS = ("inprocess", "flwr")
+# set by the sweep for every point, never by the experiment file
+RESERVED_KEYS = ("out-dir", "run-name")
+RUN_CONFIG_KEYS = tuple(k for k in RunConfig().to_run_config() if k not in RESERVED_KEYS)
+SWEEP_KEYS = ("nodes", "description")
+# short forms of swept keys in run names ("" = the value alone); others use the full key
+NAME_ABBREVIATIONS: dict[str, str] = {
+    "compression": "c",
+    "c3sl-r": "r",
+    "quant-bits": "b",
+    "batch-size": "bs",
+    "split-index": "l",
+    "batch-compression": "xb",
+    "token-compression": "xt",
+    "pooling": "pool-",
+    "pq-subvectors": "q",
+    "pq-centroids": "k",
+    "bottlenet-width": "w",
+    "seed": "s",
+    "partitioner": "",
+    "dataset": "",
+    "channel": "",
+    "wire-dtype": "",
+    "sl-mode": "",
+}
+POINT_LINE = "[{i:>{w}}/{n}] {name:<24} {status:<9} acc {acc}  {mb:>9} MB  {secs:>7.1f} s  {note}"
+
+
+class ExperimentError(ValueError):
+    """An experiment file is malformed or one of its points is not a valid run config."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep.
+
+    Attributes:
+        name: the run name, derived from ``swept``.
+        swept: the grid values that define this point, in the order the table lists them.
+        run_config: ``[base]`` updated with ``swept`` (no ``out-dir`` / ``run-name``).
+        table: index (0-based) of the ``[[grid]]`` table the point comes from.
+    """
+
+    name: str
+    swept: dict[str, Any]
+    run_config: dict[str, Any]
+    table: int
+
+    def config(self, out_dir: str | os.PathLike[str]) -> RunConfig:
+        """The validated run config of this point with its results under ``out_dir``."""
+        return RunConfig.from_run_config(
+            self.run_config | {"out-dir": str(out_dir), "run-name": self.name}
+        )
+
+
+@dataclass
+class Experiment:
+    """A parsed, validated experiment file."""
+
+    name: str
+    path: Path
+    base: dict[str, Any]
+    points: list[Point]
+    nodes: int = 1
+    description: str = ""
+
+    def out_dir(self, results_root: str | os.PathLike[str], nodes: int | None = None) -> Path:
+        """``<results-root>/<experiment>``; another node count gets its own directory, since
+        the number of SuperNodes is not a run-config key and would not tell runs apart."""
+        suffix = "" if nodes in (None, self.nodes) else f"-nodes{nodes}"
+        return Path(results_root).expanduser().resolve() / f"{self.name}{suffix}"
+
+
+@dataclass
+class PointResult:
+    """What happened to one point of a sweep."""
+
+    point: Point
+    status: str  # completed, skipped, failed
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+# ---- loading and expanding ------------------------------------------------------------
+
+
+def find_experiment(name_or_path: str | os.PathLike[str]) -> Path:
+    """A path to a TOML file, or the name of one in ``simulations/experiments``."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.exists():
+        return path.resolve()
+    named = EXPERIMENTS_DIR / f"{path.name.removesuffix('.toml')}.toml"
+    if named.exists():
+        return named
+    known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml")))
+    raise ExperimentError(f"no experiment {str(name_or_path)!r}: not a file; named ones: {known}")
+
+
+def load_experiment(
+    name_or_path: str | os.PathLike[str], *, check_methods: bool = True
+) -> Experiment:
+    """Parse, expand and validate an experiment file.
+
+    Args:
+        name_or_path: experiment name (``paper_sweep``) or path to a TOML file.
+        check_methods: also require each point's method to be registered and build its
+            compressor, which catches method-specific errors (C3-SL's batch size) early.
+    """
+    path = find_experiment(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ExperimentError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"base", "grid", "sweep"}
+    if unknown:
+        raise ExperimentError(
+            f"{path}: unknown table(s) {sorted(unknown)}; allowed: [base], [[grid]], [sweep]"
+        )
+    sweep = data.get("sweep", {})
+    _check_keys(path, "[sweep]", sweep, SWEEP_KEYS)
+    nodes = sweep.get("nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ExperimentError(f"{path}: [sweep] nodes = {nodes!r} must be an integer >= 1")
+    base = data.get("base", {})
+    if not isinstance(base, dict):
+        raise ExperimentError(f"{path}: [base] must be a table")
+    _check_keys(path, "[base]", base, RUN_CONFIG_KEYS)
+    grids = data.get("grid", [])
+    if not isinstance(grids, list) or not grids:
+        raise ExperimentError(f"{path}: needs at least one [[grid]] table (lists of values)")
+    points = expand(path, base, grids)
+    experiment = Experiment(
+        name=path.stem,
+        path=path,
+        base=base,
+        points=points,
+        nodes=nodes,
+        description=str(sweep.get("description", "")),
+    )
+    validate(experiment, check_methods=check_methods)
+    return experiment
+
+
+def _check_keys(path: Path, where: str, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    for key in table:
+        if key in RESERVED_KEYS:
+            raise ExperimentError(
+                f"{path}: {where}: {key!r} is set by the sweep "
+                "(out-dir = <results-root>/<experiment>, run-name from the swept values)"
+            )
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ExperimentError(f"{path}: {where}: unknown key {key!r}{hint}")
+
+
+def expand(path: Path, base: Mapping[str, Any], grids: Sequence[Any]) -> list[Point]:
+    """The union over grid tables of the cartesian product of each table's lists.
+
+    Duplicate points, and different points that would share a run name, are rejected.
+    """
+    points: list[Point] = []
+    by_name: dict[str, Point] = {}
+    for t, grid in enumerate(grids):
+        where = f"[[grid]] table {t + 1}"
+        if not isinstance(grid, dict) or not grid:
+            raise ExperimentError(f"{path}: {where} is empty")
+        axes: list[list[tuple[tuple[str, Any], ...]]] = []
+        for spec, values in grid.items():
+            keys = tuple(k.strip() for k in spec.split(","))
+            _check_keys(path, where, dict.fromkeys(keys), RUN_CONFIG_KEYS)
+            if not isinstance(values, list) or not values:
+                raise ExperimentError(
+                    f"{path}: {where}: {spec!r} must be a non-empty list of values "
+                    f"(got {values!r}); constants belong in [base]"
+                )
+            axis = []
+            for value in values:
+                combo = (value,) if len(keys) == 1 else value
+                if len(keys) > 1 and (not isinstance(value, list) or len(value) != len(keys)):
+                    raise ExperimentError(
+                        f"{path}: {where}: each value of {spec!r} must be a list of "
+                        f"{len(keys)} values, got {value!r}"
+                    )
+                axis.append(tuple(zip(keys, combo, strict=True)))
+            axes.append(axis)
+        for combo in itertools.product(*axes):
+            swept = dict(pair for part in combo for pair in part)
+            point = Point(point_name(swept, base), swept, dict(base) | swept, t)
+            other = by_name.get(point.name)
+            if other is not None:
+                same = _same_config(other.run_config, point.run_config)
+                what = "duplicate point" if same else "two different points share the run name"
+                raise ExperimentError(
+                    f"{path}: {what} {point.name!r} (grid tables {other.table + 1} and {t + 1})"
+                    + ("" if same else "; sweep the key that differs in both tables")
+                )
+            by_name[point.name] = point
+            points.append(point)
+    return points
+
+
+def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two points resolve to the same run config (absent keys take defaults)."""
+    try:
+        return RunConfig.from_run_config(a) == RunConfig.from_run_config(b)
+    except ConfigError:
+        return dict(a) == dict(b)
+
+
+def point_name(swept: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> str:
+    """Deterministic run name from the swept values: the method, then ``<abbr><value>`` per
+    other swept key in table order (``adc-c0.1``, ``c3sl-r4``, ``adc-xb0.5-xt0.2``)."""
+    method = swept.get("method", (base or {}).get("method", RunConfig.method))
+    parts = [_name_value(method)]
+    for key, value in swept.items():
+        if key != "method":
+            parts.append(NAME_ABBREVIATIONS.get(key, key) + _name_value(value))
+    return "-".join(parts)
+
+
+def _name_value(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+def validate(experiment: Experiment, *, check_methods: bool = True) -> None:
+    """Raise :class:`ExperimentError` naming file, point and key for the first bad point."""
+    for point in experiment.points:
+        try:
+            point.config("results")
+        except ConfigError as exc:
+            raise ExperimentError(f"{_where(experiment, point)}: {exc}") from None
+    if check_methods:
+        validate_methods(experiment, experiment.points)
+
+
+def validate_methods(experiment: Experiment, points: Iterable[Point]) -> None:
+    """Each point's method is registered and its compressor builds from the point's config
+    (catching method-specific errors, e.g. a batch size C3-SL cannot group)."""
+    from adc_flwr.compression import available_methods, build_compressor
+
+    methods = available_methods()
+    for point in points:
+        cfg = point.config("results")
+        if cfg.method not in methods:
+            raise ExperimentError(
+                f"{_where(experiment, point)}: run-config key 'method' = {cfg.method!r} is not "
+                f"a registered compressor; choose one of {methods}"
+            )
+        try:
+            build_compressor(cfg, num_classes=10)
+        except (ValueError, TypeError) as exc:
+            raise ExperimentError(
+                f"{_where(experiment, point)}: method {cfg.method!r}: {exc}"
+            ) from None
+
+
+def _where(experiment: Experiment, point: Point) -> str:
+    i = experiment.points.index(point) + 1
+    return (
+        f"{experiment.path}: point {i}/{len(experiment.points)} {point.name!r} "
+        f"(grid table {point.table + 1})"
+    )
+
+
+# ---- selecting ------------------------------------------------------------------------
+
+
+def select(points: Iterable[Point], only: Sequence[str]) -> list[Point]:
+    """Points matching every ``key=value[,value...]`` filter (``name=`` takes globs)."""
+    filters = []
+    for text in only:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep or not values:
+            raise ExperimentError(f"--only {text!r}: expected key=value[,value...]")
+        if key != "name" and key not in RUN_CONFIG_KEYS:
+            raise ExperimentError(f"--only {text!r}: unknown key {key!r}")
+        filters.append((key, [v.strip() for v in values.split(",")]))
+
+    def matches(point: Point) -> bool:
+        cfg = point.config("results").to_run_config()
+        for key, wanted in filters:
+            if key == "name":
+                if not any(fnmatch.fnmatchcase(point.name, w) for w in wanted):
+                    return False
+            elif not any(_equal(cfg[key], w) for w in wanted):
+                return False
+        return True
+
+    return [p for p in points if matches(p)]
+
+
+def _equal(value: Any, text: str) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return math.isclose(float(value), float(text), rel_tol=1e-9, abs_tol=1e-12)
+        except ValueError:
+            return False
+    return str(value) == text
+
+
+# ---- running --------------------------------------------------------------------------
+
+
+def run_point_inprocess(
+    cfg: RunConfig, nodes: int, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """One point through :class:`InProcessGrid` + ``run_experiment``: no Ray, deterministic."""
+    from clients import client_app
+    from strategies.experiment import run_experiment
+    from strategies.inprocess_grid import InProcessGrid
+
+    grid = InProcessGrid(client_app.app, nodes, cfg.to_run_config())
+    return run_experiment(grid, cfg, num_nodes=nodes, progress=progress)
+
+
+def run_point_flwr(cfg: RunConfig, nodes: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """One point through ``scripts/flwr_run.sh`` (``flwr run .`` on a private SuperLink)."""
+    run_config = " ".join(
+        f"{key}={_toml_value(value)}"
+        for key, value in cfg.to_run_config().items()
+        if key not in RESERVED_KEYS
+    )
+    env = os.environ | {
+        "OUT_DIR": cfg.out_dir,
+        "RUN_NAME": cfg.resolved_run_name,
+        # the flwr CLI of this interpreter's environment comes first
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    argv = [
+        "bash",
+        str(FLWR_RUN_SCRIPT),
+        run_config,
+        f"num-supernodes={nodes} client-resources-num-cpus=1",
+    ]
+    tail: collections.deque[str] = collections.deque(maxlen=3)
+    with subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # streamed: a long point shows its rounds as they finish
+            progress(line.rstrip("\n"))
+            tail.append(line.strip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"flwr_run.sh exited {proc.returncode}: " + " | ".join(tail))
+    return RunDir(cfg.run_dir).read_summary() or {}
+
+
+def _toml_value(value: Any) -> str:
+    """A run-config value as ``flwr run --run-config`` parses it (TOML literals)."""
+    if isinstance(value, str):
+        if "'" in value:
+            raise ValueError(f"run-config value {value!r}: a quote cannot be passed to flwr run")
+        return f"'{value}'"
+    if isinstance(value, float):
+        return repr(value)  # keeps the dot: 1.0 stays a float
+    return str(value)
+
+
+RUNNER_FUNCTIONS: dict[str, Callable[[RunConfig, int, Callable[[str], None]], dict[str, Any]]] = {
+    "inprocess": run_point_inprocess,
+    "flwr": run_point_flwr,
+}
+
+
+def run_sweep(
+    experiment: Experiment,
+    *,
+    results_root: str | os.PathLike[str] = "results",
+    runner: str = "inprocess",
+    only: Sequence[str] = (),
+    nodes: int | None = None,
+    dry_run: bool = False,
+    verbose: bool = False,
+    progress: Callable[[str], None] = print,
+) -> list[PointResult]:
+    """Run the selected points one after another; returns what happened to each.
+
+    Finished points are skipped; a failed point is recorded and the next one runs.
+    """
+    if runner not in RUNNERS:
+        raise ExperimentError(f"runner {runner!r}: choose one of {RUNNERS}")
+    nodes = nodes or experiment.nodes
+    out_dir = experiment.out_dir(results_root, nodes)
+    points = select(experiment.points, only)
+    n = len(points)
+    where = f"{out_dir} ({runner}, {nodes} node{'s' * (nodes > 1)})"
+    progress(f"{experiment.name}: {n} of {len(experiment.points)} points -> {where}")
+    if dry_run:
+        for i, point in enumerate(points, 1):
+            state = _state(point.config(out_dir))
+            swept = " ".join(f"{k}={v}" for k, v in point.swept.items())
+            progress(f"[{i:>{len(str(n))}}/{n}] {point.name:<24} {state:<9} {swept}")
+    validate_methods(experiment, points)  # after the listing, so a dry run shows both
+    if dry_run:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        out_dir / "sweep.json",
+        {
+            "experiment": experiment.name,
+            "file": str(experiment.path),
+            "nodes": nodes,
+            "runner": runner,
+            "points": [p.name for p in experiment.points],
+        },
+    )
+    inner = progress if verbose else (lambda _line: None)
+    results = []
+    for i, point in enumerate(points, 1):
+        result = _run_point(point, out_dir, runner, nodes, inner)
+        results.append(result)
+        progress(_point_line(i, n, result))
+    failed = [r for r in results if r.status == "failed"]
+    done = sum(r.status == "completed" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    progress(f"{experiment.name}: {done} ran, {skipped} skipped, {len(failed)} failed")
+    for r in failed:
+        progress(f"  failed {r.point.name}: {r.error}")
+    return results
+
+
+def _state(cfg: RunConfig) -> str:
+    """``done``, ``partial`` (a checkpoint or failed summary), or ``pending``."""
+    run_dir = cfg.run_dir
+    if not run_dir.exists():
+        return "pending"
+    return "done" if RunDir(run_dir).is_finished() else "partial"
+
+
+def _run_point(
+    point: Point, out_dir: Path, runner: str, nodes: int, inner: Callable[[str], None]
+) -> PointResult:
+    cfg = point.config(out_dir)
+    started = time.perf_counter()
+    if cfg.run_dir.exists():
+        run_dir = RunDir(cfg.run_dir)
+        stored, wanted = run_dir.read_config() or {}, cfg.to_run_config()
+        # a moved results directory changes out-dir only: that run is still this point
+        changed = sorted(k for k in wanted if k != "out-dir" and stored.get(k) != wanted[k])
+        if stored and changed:
+            return PointResult(
+                point,
+                "failed",
+                error=f"{cfg.run_dir} holds a run with another config (keys {changed}); "
+                "delete it to rerun this point",
+            )
+        if run_dir.is_finished():
+            return PointResult(point, "skipped", summary=run_dir.read_summary() or {})
+    try:
+        summary = RUNNER_FUNCTIONS[runner](cfg, nodes, inner)
+    except Exception as exc:  # a failed point must not end the sweep
+        return PointResult(
+            point,
+            "failed",
+            seconds=time.perf_counter() - started,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    seconds = time.perf_counter() - started
+    if summary.get("status") != "completed":
+        error = summary.get("error") or "no completed summary.json"
+        return PointResult(point, "failed", seconds, summary, error)
+    return PointResult(point, "completed", seconds, summary)
+
+
+def _point_line(i: int, n: int, result: PointResult) -> str:
+    s = result.summary
+    acc = s.get("test_accuracy")
+    total = sum(
+        s.get(k) or 0
+        for k in ("bytes_up_act", "bytes_up_targets", "bytes_down_grad", "bytes_model_sync")
+    )
+    note = result.error if result.status == "failed" else (s.get("stop_reason") or "")
+    return POINT_LINE.format(
+        i=i,
+        w=len(str(n)),
+        n=n,
+        name=result.point.name,
+        status=result.status,
+        acc="  -   " if acc is None else f"{acc:.4f}",
+        mb="-" if not total else f"{total / 1e6:.1f}",
+        secs=result.seconds,
+        note=note,
+    )
+
+
+# ---- command line ---------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 all points done, 1 some failed, 2 the experiment is invalid."""
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.sweep",
+        description="Sweep a named experiment (simulations/experiments/*.toml).",
+    )
+    parser.add_argument("experiment", help="experiment name or path to a TOML file")
+    parser.add_argument("--results-root", default="results", help="default: results")
+    parser.add_argument("--runner", choices=RUNNERS, default="inprocess")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,VALUE]",
+        help="run only matching points (repeatable; name=GLOB matches run names)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the points, run nothing")
+    parser.add_argument("--nodes", type=int, default=None, help="SuperNodes (default: file)")
+    parser.add_argument("--verbose", action="store_true", help="show each run's own lines")
+    args = parser.parse_args(argv)
+    if args.nodes is not None and args.nodes < 1:
+        parser.error("--nodes must be >= 1")
+    try:
+        # methods are checked for the selected points only (in run_sweep)
+        experiment = load_experiment(args.experiment, check_methods=False)
+        results = run_sweep(
+            experiment,
+            results_root=args.results_root,
+            runner=args.runner,
+            only=args.only,
+            nodes=args.nodes,
+            dry_run=args.dry_run,
+            verbose=args.verbose,
+        )
+    except ExperimentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    from simulations.collect import TABLE_FILE, collect, markdown_pivot
+
+    out_dir = experiment.out_dir(args.results_root, args.nodes)
+    table = collect(out_dir)
+    print(f"\n{len(table)} runs in {out_dir / TABLE_FILE}\n")
+    print(markdown_pivot(table))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+__all__ = [
+    "Experiment",
+    "ExperimentError",
+    "Point",
+    "PointResult",
+    "expand",
+    "find_experiment",
+    "load_experiment",
+    "main",
+    "point_name",
+    "run_sweep",
+    "select",
+    "validate",
+    "validate_methods",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
