@@ -41,6 +41,7 @@ __all__ = [
     "ReceivedPacket",
     "act_and_target_nbytes",
     "grads_to_record",
+    "npy_header_nbytes",
     "packet_to_record",
     "record_nbytes",
     "record_to_grads",
@@ -273,7 +274,7 @@ def act_and_target_nbytes(record: ArrayRecord) -> tuple[int, int]:
     return act, target
 
 
-def _npy_header_nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+def npy_header_nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
     """Length of the ``.npy`` header ``np.save`` writes for a C-ordered array."""
     header = {
         "descr": np.lib.format.dtype_to_descr(dtype),
@@ -301,4 +302,4 @@ def uncompressed_act_nbytes(batch: int, tokens: int, hidden: int, name: str = AC
     dtype = np.dtype(np.float32)
     shape = (int(batch), int(tokens), int(hidden))
     data = batch * tokens * hidden * dtype.itemsize
-    return _npy_header_nbytes(dtype, shape) + data + len(f"{_FLOAT}:{name}")
+    return npy_header_nbytes(dtype, shape) + data + len(f"{_FLOAT}:{name}")

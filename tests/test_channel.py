@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config, train_in_process
 
 from adc_flwr.channel import Channel, build_channel
 from adc_flwr.codec import packet_to_record, record_to_packet
@@ -17,21 +18,6 @@ from clients import client_app as client_module
 from strategies import experiment
 from strategies.experiment import build_strategy, run_experiment
 from strategies.inprocess_grid import InProcessGrid, set_task_identity
-
-
-def make_cfg(tmp_path: Path, **overrides: object) -> RunConfig:
-    """A one-round digits run, as in tests/test_split_learning.py (about a second)."""
-    base = {
-        "dataset": "digits",
-        "method": "none",
-        "num-server-rounds": 1,
-        "local-steps": 3,
-        "batch-size": 16,
-        "eval-samples": 64,
-        "out-dir": str(tmp_path),
-        "run-name": "t",
-    }
-    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
 
 
 def measured_snr_db(signal: torch.Tensor, received: torch.Tensor) -> float:
@@ -175,7 +161,7 @@ def test_bad_arguments() -> None:
 def server_and_packets(tmp_path: Path, channel: str, method: str = "none"):
     """A built ServerWorker and a function producing identical fresh received packets."""
     set_task_identity()
-    cfg = make_cfg(tmp_path, method=method, channel=channel, snr_db="0")
+    cfg = tiny_config(tmp_path, method=method, channel=channel, snr_db="0")
     strategy, _ = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
     server = strategy.server
     g = torch.Generator().manual_seed(0)
@@ -232,7 +218,7 @@ def test_server_downlink_noise_on_the_gradients(tmp_path: Path) -> None:
 
 
 def test_inprocess_run_with_awgn_completes(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, method="adc", compression=0.25, channel="awgn", snr_db="-10,10")
+    cfg = tiny_config(tmp_path, method="adc", compression=0.25, channel="awgn", snr_db="-10,10")
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
     summary = run_experiment(grid, cfg, num_nodes=2, progress=lambda _: None)
     assert summary["status"] == "completed" and summary["rounds"] == 1
@@ -247,11 +233,8 @@ def test_awgn_runs_are_reproducible(tmp_path: Path) -> None:
     """
 
     def back_after(path: Path) -> dict[str, torch.Tensor]:
-        cfg = make_cfg(path, channel="awgn", snr_db="0,10", optimizer="sgd", lr=0.05)
-        grid = InProcessGrid(client_module.app, 1, cfg.to_run_config())
-        strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
-        strategy.settle_s = 0.0
-        strategy.start(grid, arrays, num_rounds=1)
+        cfg = tiny_config(path, channel="awgn", snr_db="0,10", optimizer="sgd", lr=0.05)
+        strategy, _ = train_in_process(cfg, 1)
         return strategy.server.back.state_dict()
 
     a, b = back_after(tmp_path / "a"), back_after(tmp_path / "b")
@@ -277,7 +260,7 @@ def test_resume_continues_the_noise_stream(tmp_path: Path, monkeypatch: pytest.M
     """The checkpoint holds the channel's generator: a resumed run draws the same noise."""
 
     def cfg_at(path: Path) -> RunConfig:
-        return make_cfg(
+        return tiny_config(
             path,
             channel="awgn",
             snr_db="0,10",

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from torch import nn
 
 from adc_flwr.codec import (
@@ -152,18 +153,7 @@ def test_from_config_and_registry() -> None:
 
 
 def _cfg(tmp_path: Path, **overrides: object) -> RunConfig:
-    base = {
-        "dataset": "digits",
-        "method": "bottlenet",
-        "compression": 0.25,
-        "num-server-rounds": 1,
-        "local-steps": 3,
-        "batch-size": 16,
-        "eval-samples": 64,
-        "out-dir": str(tmp_path),
-        "run-name": "t",
-    }
-    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
+    return tiny_config(tmp_path, **({"method": "bottlenet", "compression": 0.25} | overrides))
 
 
 def _workers(cfg: RunConfig):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 
 from adc_flwr.codec import (
     ArrayRecord,
@@ -231,19 +232,9 @@ def test_from_config_and_registry() -> None:
 
 
 def _cfg(tmp_path: Path, **overrides: object) -> RunConfig:
-    base = {
-        "dataset": "digits",
-        "method": "pq",
-        "compression": 0.1,
-        "num-server-rounds": 1,
-        "local-steps": 3,
-        "batch-size": 16,
-        "eval-samples": 64,
-        "out-dir": str(tmp_path),
-        "run-name": "t",
-        "kmeans-iters": 10,
-    }
-    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
+    return tiny_config(
+        tmp_path, **({"method": "pq", "compression": 0.1, "kmeans_iters": 10} | overrides)
+    )
 
 
 def test_one_protocol_step_updates_the_client_front(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import front_copy, tiny_config, train_in_process
 
 from adc_flwr.codec import (
     act_and_target_nbytes,
@@ -29,7 +30,7 @@ from adc_flwr.compression.quant import (
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir
 from clients import client_app as client_module
-from strategies.experiment import build_strategy, run_experiment
+from strategies.experiment import run_experiment
 from strategies.inprocess_grid import InProcessGrid
 
 C = 10
@@ -212,29 +213,11 @@ def test_quantize_is_deterministic_and_detached() -> None:
 # ---- through the in-process Flower grid ----------------------------------------------
 
 
-def _cfg(tmp_path: Path, **overrides: object) -> RunConfig:
-    base = {
-        "dataset": "digits",
-        "method": "quant",
-        "num-server-rounds": 1,
-        "local-steps": 3,
-        "batch-size": 16,
-        "eval-samples": 64,
-        "out-dir": str(tmp_path),
-        "run-name": "t",
-    }
-    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
-
-
 def test_grid_step_changes_client_front(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, quant_bits=2, local_steps=1)
-    grid = InProcessGrid(client_module.app, 1, cfg.to_run_config())
-    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
-    front = strategy.client_modules["front"]
-    before = {k: v.detach().clone() for k, v in front.state_dict().items()}
-    strategy.settle_s = 0.0
-    strategy.start(grid, arrays, num_rounds=1)
-    after = front.state_dict()
+    cfg = tiny_config(tmp_path, method="quant", quant_bits=2, local_steps=1)
+    before: dict[str, torch.Tensor] = {}
+    strategy, _ = train_in_process(cfg, 1, before_start=lambda s: before.update(front_copy(s)))
+    after = strategy.client_modules["front"].state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("patch_embeddings" in k for k in changed)  # the gradient reached the first layer
     assert len(changed) > len(before) // 2
@@ -242,8 +225,9 @@ def test_grid_step_changes_client_front(tmp_path: Path) -> None:
 
 def test_grid_training_lowers_the_loss_and_counts_bytes(tmp_path: Path) -> None:
     """Two classes (pathological partition) so 12 steps visibly learn on a 2-core CPU."""
-    cfg = _cfg(
+    cfg = tiny_config(
         tmp_path,
+        method="quant",
         compression=0.1,  # 3 bits
         local_steps=12,
         lr=3e-3,

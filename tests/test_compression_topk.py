@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import front_copy, tiny_config, train_in_process
 
 from adc_flwr.codec import (
     act_and_target_nbytes,
@@ -19,7 +20,7 @@ from adc_flwr.compression.topk import TopKCompressor, index_nbytes, num_kept
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir
 from clients import client_app as client_module
-from strategies.experiment import build_strategy, run_experiment
+from strategies.experiment import run_experiment
 from strategies.inprocess_grid import InProcessGrid
 
 C = 10
@@ -233,29 +234,11 @@ def test_bad_inputs_rejected() -> None:
 # ---- through the in-process Flower grid ----------------------------------------------
 
 
-def _cfg(tmp_path: Path, **overrides: object) -> RunConfig:
-    base = {
-        "dataset": "digits",
-        "num-server-rounds": 1,
-        "local-steps": 3,
-        "batch-size": 16,
-        "eval-samples": 64,
-        "out-dir": str(tmp_path),
-        "run-name": "t",
-    }
-    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
-
-
 @pytest.mark.parametrize("method", ["topk", "random-topk"])
 def test_grid_step_changes_client_front(tmp_path: Path, method: str) -> None:
-    cfg = _cfg(tmp_path, method=method, compression=0.1, local_steps=1)
-    grid = InProcessGrid(client_module.app, 1, cfg.to_run_config())
-    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
-    before = {
-        k: v.detach().clone() for k, v in strategy.client_modules["front"].state_dict().items()
-    }
-    strategy.settle_s = 0.0
-    strategy.start(grid, arrays, num_rounds=1)
+    cfg = tiny_config(tmp_path, method=method, compression=0.1, local_steps=1)
+    before: dict[str, torch.Tensor] = {}
+    strategy, _ = train_in_process(cfg, 1, before_start=lambda s: before.update(front_copy(s)))
     after = strategy.client_modules["front"].state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     # one step through the sparse gradient reached the front's weights, down to the patch embedding
@@ -267,7 +250,7 @@ def test_grid_step_changes_client_front(tmp_path: Path, method: str) -> None:
 def test_grid_training_lowers_the_loss_and_counts_bytes(tmp_path: Path, method: str) -> None:
     """A ViT from scratch on all ten digits stays near ln(10) for ~100 steps; one client with
     two classes (pathological) shows learning within a few steps."""
-    cfg = _cfg(
+    cfg = tiny_config(
         tmp_path,
         method=method,
         compression=0.2,

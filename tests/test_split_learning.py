@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from helpers import tiny_config, train_in_process
 
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import RunConfig
@@ -29,20 +30,6 @@ from strategies.experiment import build_strategy, run_experiment
 from strategies.inprocess_grid import InProcessGrid, set_task_identity
 
 
-def make_cfg(tmp_path: Path, **overrides: object) -> RunConfig:
-    base = {
-        "dataset": "digits",
-        "method": "none",
-        "num-server-rounds": 1,
-        "local-steps": 3,
-        "batch-size": 16,
-        "eval-samples": 64,
-        "out-dir": str(tmp_path),
-        "run-name": "t",
-    }
-    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
-
-
 def run(cfg: RunConfig, nodes: int, **grid_kwargs: object) -> tuple[dict, InProcessGrid]:
     grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), **grid_kwargs)
     lines: list[str] = []
@@ -50,19 +37,10 @@ def run(cfg: RunConfig, nodes: int, **grid_kwargs: object) -> tuple[dict, InProc
     return summary, grid
 
 
-def strategy_after(cfg: RunConfig, nodes: int):
-    """Build a strategy, run it in process, return it (to inspect weights)."""
-    grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config())
-    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=nodes, progress=lambda _: None)
-    strategy.settle_s = 0.0
-    strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds)
-    return strategy, grid
-
-
 def test_split_sgd_equals_unsplit_training(tmp_path: Path) -> None:
     """Method none, one client, SGD: 3 split steps == 3 steps of the whole model."""
-    cfg = make_cfg(tmp_path, optimizer="sgd", lr=0.05)
-    strategy, _ = strategy_after(cfg, nodes=1)
+    cfg = tiny_config(tmp_path, optimizer="sgd", lr=0.05)
+    strategy, _ = train_in_process(cfg, nodes=1)
 
     data = load_data(cfg.dataset)
     reference = build_model(cfg, data)
@@ -88,7 +66,7 @@ def test_split_sgd_equals_unsplit_training(tmp_path: Path) -> None:
 
 def test_adc_recompute_is_bit_exact(tmp_path: Path) -> None:
     """The client's recomputed forward (with the saved plan) equals its first forward."""
-    cfg = make_cfg(tmp_path, method="adc", compression=0.25)
+    cfg = tiny_config(tmp_path, method="adc", compression=0.25)
     setup = client_setup(cfg, 0, 2)
     data = load_data(cfg.dataset)
     vit = build_model(cfg, data)
@@ -107,8 +85,8 @@ def test_adc_recompute_is_bit_exact(tmp_path: Path) -> None:
 
 def test_state_survives_messages_and_rounds(tmp_path: Path) -> None:
     """Front weights and Adam moments live in context.state across steps and rounds."""
-    cfg = make_cfg(tmp_path, method="adc", num_server_rounds=2)
-    _, grid = strategy_after(cfg, nodes=2)
+    cfg = tiny_config(tmp_path, method="adc", num_server_rounds=2)
+    _, grid = train_in_process(cfg, nodes=2)
     for context in grid.contexts.values():
         optim = load_tensors(context, "optim")
         steps = {int(v) for k, v in optim.items() if k.endswith(".step")}
@@ -118,7 +96,7 @@ def test_state_survives_messages_and_rounds(tmp_path: Path) -> None:
 
 def test_fedavg_of_fronts_matches_hand_computation(tmp_path: Path) -> None:
     set_task_identity()
-    strategy, _ = build_strategy(make_cfg(tmp_path), run_dir=None, num_nodes=1)
+    strategy, _ = build_strategy(tiny_config(tmp_path), run_dir=None, num_nodes=1)
     w1, w2 = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)
     replies = []
     for w, n in ((w1, 10), (w2, 30)):
@@ -135,7 +113,7 @@ def test_fedavg_of_fronts_matches_hand_computation(tmp_path: Path) -> None:
 
 
 def test_run_writes_run_directory_and_counts_bytes(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, method="adc", compression=0.1, num_server_rounds=2)
+    cfg = tiny_config(tmp_path, method="adc", compression=0.1, num_server_rounds=2)
     summary, grid = run(cfg, nodes=2)
     assert summary["status"] == "completed" and summary["stop_reason"] == "num-server-rounds"
     assert summary["rounds"] == 2
@@ -151,8 +129,8 @@ def test_run_writes_run_directory_and_counts_bytes(tmp_path: Path) -> None:
 
 
 def test_vanilla_relays_front_through_clients(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, sl_mode="vanilla", optimizer="sgd", lr=0.05)
-    strategy, grid = strategy_after(cfg, nodes=2)
+    cfg = tiny_config(tmp_path, sl_mode="vanilla", optimizer="sgd", lr=0.05)
+    strategy, grid = train_in_process(cfg, nodes=2)
     # each client trained after the other: the server back took 2 × local-steps steps
     assert len(strategy.history) == 1 and strategy.history[0]["clients"] == 2
     assert strategy.global_step == 2 * cfg.local_steps
@@ -160,7 +138,7 @@ def test_vanilla_relays_front_through_clients(tmp_path: Path) -> None:
 
 
 def test_failing_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, num_server_rounds=2)
+    cfg = tiny_config(tmp_path, num_server_rounds=2)
 
     def fail_partition_1(pid: int, msg: Message) -> None:
         if pid == 1 and msg.metadata.message_type == "train.step":
@@ -172,7 +150,7 @@ def test_failing_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
 
 
 def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, step_timeout=0.05, num_server_rounds=2)
+    cfg = tiny_config(tmp_path, step_timeout=0.05, num_server_rounds=2)
     summary, grid = run(cfg, nodes=2, silent_nodes={0})
     assert summary["status"] == "completed"
     assert [h["clients"] for h in summary["history"]] == [1, 1]
@@ -181,7 +159,7 @@ def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> No
 
 
 def test_no_client_left_ends_cleanly(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, num_server_rounds=3)
+    cfg = tiny_config(tmp_path, num_server_rounds=3)
 
     def fail_all(pid: int, msg: Message) -> None:
         raise RuntimeError("down")
@@ -194,7 +172,7 @@ def test_no_client_left_ends_cleanly(tmp_path: Path) -> None:
 def test_nan_loss_stops_with_message_and_keeps_metrics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = make_cfg(tmp_path, local_steps=4)
+    cfg = tiny_config(tmp_path, local_steps=4)
     real_step = experiment.ServerWorker.step
     calls = {"n": 0}
 
@@ -213,7 +191,7 @@ def test_nan_loss_stops_with_message_and_keeps_metrics(
 
 
 def test_budget_stops_the_run(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, local_steps=50, num_server_rounds=5, budget_mb=1.0)
+    cfg = tiny_config(tmp_path, local_steps=50, num_server_rounds=5, budget_mb=1.0)
     summary, _ = run(cfg, nodes=2)
     assert summary["status"] == "completed" and summary["stop_reason"] == "budget-mb"
     sent = sum(summary[k] for k in ("bytes_up_act", "bytes_up_targets", "bytes_down_grad"))
@@ -229,10 +207,10 @@ def test_crash_then_resume_equals_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SGD (no optimizer state on clients): a resumed run ends with the same weights."""
-    whole = make_cfg(tmp_path / "a", optimizer="sgd", lr=0.05, num_server_rounds=3)
-    reference, _ = strategy_after(whole, nodes=2)
+    whole = tiny_config(tmp_path / "a", optimizer="sgd", lr=0.05, num_server_rounds=3)
+    reference, _ = train_in_process(whole, nodes=2)
 
-    cfg = make_cfg(tmp_path / "b", optimizer="sgd", lr=0.05, num_server_rounds=3)
+    cfg = tiny_config(tmp_path / "b", optimizer="sgd", lr=0.05, num_server_rounds=3)
     real_evaluate = experiment.SplitLearningStrategy.evaluate_round
 
     def crash_in_round_2(self, server_round, outcome):
@@ -265,4 +243,4 @@ def test_crash_then_resume_equals_uninterrupted_run(
 
 def test_compressor_mismatch_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"method='nope'.*choose one of"):
-        build_compressor(make_cfg(tmp_path, method="nope"), num_classes=10)
+        build_compressor(tiny_config(tmp_path, method="nope"), num_classes=10)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from adc_flwr.codec import _npy_header_nbytes, uncompressed_act_nbytes
+from adc_flwr.codec import npy_header_nbytes, uncompressed_act_nbytes
 from adc_flwr.compression.base import Compressor, Packet
 from adc_flwr.compression.registry import register
 from adc_flwr.config import WIRE_DTYPES
@@ -69,7 +69,7 @@ _WIRE_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint
 def _array_nbytes(dtype: type[np.generic], shape: tuple[int, ...], key: str) -> int:
     """What the codec counts for one array: ``np.save`` bytes plus the key's length."""
     dt = np.dtype(dtype)
-    return _npy_header_nbytes(dt, shape) + math.prod(shape) * dt.itemsize + len(key)
+    return npy_header_nbytes(dt, shape) + math.prod(shape) * dt.itemsize + len(key)
 
 
 def _code_dtype(num_centroids: int) -> type[np.generic]:

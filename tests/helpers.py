@@ -1,0 +1,62 @@
+"""Shared test scaffolding: a tiny digits config and an in-process run of the strategy.
+
+tests/ has no ``__init__.py``: pytest's default (prepend) import mode puts tests/ on
+``sys.path``, so test files import this module as ``from helpers import ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adc_flwr.config import RunConfig
+from clients import client_app as client_module
+from strategies.experiment import SplitLearningStrategy, build_strategy
+from strategies.inprocess_grid import InProcessGrid
+
+
+def tiny_config(tmp_path: Path, **overrides: object) -> RunConfig:
+    """A one-round digits run of method ``none`` (about a second on a CPU).
+
+    Overrides take snake_case names (``local_steps=4``) and replace the base values.
+    """
+    base: dict[str, Any] = {
+        "dataset": "digits",
+        "method": "none",
+        "num-server-rounds": 1,
+        "local-steps": 3,
+        "batch-size": 16,
+        "eval-samples": 64,
+        "out-dir": str(tmp_path),
+        "run-name": "t",
+    }
+    return RunConfig.from_run_config(base | {k.replace("_", "-"): v for k, v in overrides.items()})
+
+
+def train_in_process(
+    cfg: RunConfig,
+    nodes: int,
+    *,
+    before_start: Callable[[SplitLearningStrategy], None] | None = None,
+    **grid_kwargs: Any,
+) -> tuple[SplitLearningStrategy, InProcessGrid]:
+    """Build a strategy (no run directory), run all its rounds through an in-process grid.
+
+    ``before_start`` sees the built strategy before the first round (to snapshot weights);
+    ``grid_kwargs`` go to :class:`InProcessGrid` (``silent_nodes``, ``before_call``).
+    """
+    grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), **grid_kwargs)
+    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=nodes, progress=lambda _: None)
+    if before_start is not None:
+        before_start(strategy)
+    strategy.settle_s = 0.0
+    strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds)
+    return strategy, grid
+
+
+def front_copy(strategy: SplitLearningStrategy) -> dict[str, torch.Tensor]:
+    """A detached copy of the global front's weights (e.g. for ``before_start``)."""
+    return {k: v.detach().clone() for k, v in strategy.client_modules["front"].state_dict().items()}
