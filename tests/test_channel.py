@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config, train_in_process
 
 from adc_flwr.channel import Channel, build_channel
 from adc_flwr.codec import packet_to_record, record_to_packet
@@ -15,6 +14,7 @@ from adc_flwr.compression import Packet
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir
 from clients import client_app as client_module
+from helpers import tiny_config, train_in_process
 from strategies import experiment
 from strategies.experiment import build_strategy, run_experiment
 from strategies.inprocess_grid import InProcessGrid, set_task_identity

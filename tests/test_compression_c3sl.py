@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import front_copy, tiny_config, train_in_process
 
 from adc_flwr.codec import (
     act_and_target_nbytes,
@@ -23,6 +22,7 @@ from adc_flwr.compression.c3sl import C3SLCompressor, group_size, make_key_spect
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir
 from clients import client_app as client_module
+from helpers import front_copy, tiny_config, train_in_process
 from strategies.experiment import run_experiment
 from strategies.inprocess_grid import InProcessGrid
 

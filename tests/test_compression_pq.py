@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
 
 from adc_flwr.codec import (
     ArrayRecord,
@@ -25,6 +24,7 @@ from adc_flwr.results import RunDir
 from adc_flwr.training import ServerWorker, modules_state
 from clients import client_app as client_module
 from clients.setup import client_setup
+from helpers import tiny_config
 from strategies.experiment import build_strategy, run_experiment
 from strategies.inprocess_grid import InProcessGrid, set_task_identity
 

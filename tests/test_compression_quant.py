@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import front_copy, tiny_config, train_in_process
 
 from adc_flwr.codec import (
     act_and_target_nbytes,
@@ -30,6 +29,7 @@ from adc_flwr.compression.quant import (
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir
 from clients import client_app as client_module
+from helpers import front_copy, tiny_config, train_in_process
 from strategies.experiment import run_experiment
 from strategies.inprocess_grid import InProcessGrid
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import front_copy, tiny_config, train_in_process
 
 from adc_flwr.codec import (
     act_and_target_nbytes,
@@ -20,6 +19,7 @@ from adc_flwr.compression.topk import TopKCompressor, index_nbytes, num_kept
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir
 from clients import client_app as client_module
+from helpers import front_copy, tiny_config, train_in_process
 from strategies.experiment import run_experiment
 from strategies.inprocess_grid import InProcessGrid
 

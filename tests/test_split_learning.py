@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from helpers import tiny_config, train_in_process
 
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import RunConfig
@@ -25,6 +24,7 @@ from adc_flwr.training import InputSpec, build_model
 from clients import client_app as client_module
 from clients.client_app import load_tensors
 from clients.setup import client_setup
+from helpers import tiny_config, train_in_process
 from strategies import experiment
 from strategies.experiment import build_strategy, run_experiment
 from strategies.inprocess_grid import InProcessGrid, set_task_identity
