@@ -42,6 +42,14 @@ class KMeansResult:
     n_iter: torch.Tensor
 
 
+def check_kmeans_settings(max_iters: int, tol: float, *, owner: str) -> None:
+    """Reject bad K-means settings early, naming the run-config keys (``owner``: the method)."""
+    if max_iters < 1:
+        raise ValueError(f"{owner}: 'kmeans-iters' = {max_iters!r} must be >= 1")
+    if tol < 0:
+        raise ValueError(f"{owner}: 'kmeans-tol' = {tol!r} must be >= 0")
+
+
 def kmeans(
     x: torch.Tensor,
     num_clusters: int,

@@ -24,7 +24,7 @@ import torch
 
 from adc_flwr.compression.base import Compressor, Packet
 from adc_flwr.compression.registry import register
-from adc_flwr.kmeans import kmeans
+from adc_flwr.kmeans import check_kmeans_settings, kmeans
 
 if TYPE_CHECKING:
     from adc_flwr.config import RunConfig
@@ -81,10 +81,7 @@ class ADCCompressor(Compressor):
         _check_ratio("token-compression", xi_t)
         if pooling not in POOLINGS:
             raise ValueError(f"ADC: 'pooling' = {pooling!r}; allowed values are {POOLINGS}")
-        if kmeans_iters < 1:
-            raise ValueError(f"ADC: 'kmeans-iters' = {kmeans_iters!r} must be >= 1")
-        if kmeans_tol < 0:
-            raise ValueError(f"ADC: 'kmeans-tol' = {kmeans_tol!r} must be >= 0")
+        check_kmeans_settings(kmeans_iters, kmeans_tol, owner="ADC")
         self.xi_b = float(xi_b)
         self.xi_t = float(xi_t)
         self.pooling = pooling

@@ -49,7 +49,7 @@ from adc_flwr.codec import npy_header_nbytes, uncompressed_act_nbytes
 from adc_flwr.compression.base import Compressor, Packet
 from adc_flwr.compression.registry import register
 from adc_flwr.config import WIRE_DTYPES
-from adc_flwr.kmeans import kmeans
+from adc_flwr.kmeans import check_kmeans_settings, kmeans
 
 if TYPE_CHECKING:
     from adc_flwr.config import RunConfig
@@ -236,10 +236,7 @@ class ProductQuantizer(Compressor):
             raise ValueError(f"pq: 'pq-lambda' = {lam!r} must be >= 0")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"pq: 'wire-dtype' = {wire_dtype!r}; allowed: {WIRE_DTYPES}")
-        if kmeans_iters < 1:
-            raise ValueError(f"pq: 'kmeans-iters' = {kmeans_iters!r} must be >= 1")
-        if kmeans_tol < 0:
-            raise ValueError(f"pq: 'kmeans-tol' = {kmeans_tol!r} must be >= 0")
+        check_kmeans_settings(kmeans_iters, kmeans_tol, owner="pq")
         self.compression = float(compression)
         self.subvectors = int(subvectors)
         self.centroids = int(centroids)
