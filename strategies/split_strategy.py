@@ -120,16 +120,9 @@ class SplitLearningStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """``train.start`` for each sampled node: the global front and the round config."""
-        return [
-            Message(
-                RecordDict({"front": arrays, "config": ConfigRecord(dict(config))}),
-                dst_node_id=node_id,
-                message_type="train.start",
-                group_id=str(server_round),
-            )
-            for node_id in self.sample_nodes(grid)
-        ]
+        """``train.start`` for each sampled node: the global front and the round config
+        (``config`` entries are added to what the ClientApp needs)."""
+        return self._start_messages(server_round, arrays, self.sample_nodes(grid), config)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -279,10 +272,15 @@ class SplitLearningStrategy(Strategy):
         """Called after each round's evaluation; the experiment runner checkpoints here."""
 
     def _start_messages(
-        self, server_round: int, arrays: ArrayRecord, nodes: list[int]
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        nodes: list[int],
+        extra: ConfigRecord | None = None,
     ) -> list[Message]:
         config = ConfigRecord(
             {
+                **(extra or {}),
                 "round": server_round,
                 # batches consumed per partition id so far, so the data stream is resumable
                 "batches-done": [

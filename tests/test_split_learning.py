@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import RunConfig
@@ -244,3 +244,16 @@ def test_crash_then_resume_equals_uninterrupted_run(
 def test_compressor_mismatch_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"method='nope'.*choose one of"):
         build_compressor(tiny_config(tmp_path, method="nope"), num_classes=10)
+
+
+def test_configure_train_builds_the_start_messages_the_client_app_runs(tmp_path: Path) -> None:
+    """Flower's configure_train hook yields the same train.start the loop sends."""
+    cfg = tiny_config(tmp_path)
+    grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
+    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=2, progress=lambda _: None)
+    strategy.settle_s = 0.0
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord({"note": "x"}), grid))
+    assert len(messages) == 2
+    assert messages[0].content["config"]["note"] == "x"
+    replies = grid.send_and_receive(messages)
+    assert all(not r.has_error() and "packet" in r.content for r in replies)
