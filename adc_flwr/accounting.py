@@ -1,21 +1,18 @@
-"""Bytes per direction and simulated time, read from codec sizes only (DESIGN.md section 4).
+"""Bytes per direction, read from codec sizes only (DESIGN.md section 4).
 
 Nothing here estimates a size: :class:`Traffic` is built from serialised records through
 :mod:`adc_flwr.codec`, so the numbers are exactly what Flower carried.
 
-Units: bytes are integers; ``mb_sent`` is in MB = 1e6 bytes; bandwidth is in Mbit/s
-(1e6 bits per second); times are in seconds.
+Units: bytes are integers; ``mb_sent`` is in MB = 1e6 bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from adc_flwr.codec import ArrayRecord, act_and_target_nbytes, record_nbytes
-from adc_flwr.config import SL_MODES
 
 
 @dataclass
@@ -105,33 +102,19 @@ class Traffic:
 
 
 class TrafficLedger:
-    """Traffic per (round, client) and per (round, step), with totals for the budget check.
-
-    Step entries sum over the clients that took part in that step; a model-sync entry is
-    recorded with ``step=None`` so it counts per client and round but not per step.
-    """
+    """Traffic per (round, client), with totals for the budget check."""
 
     def __init__(self) -> None:
         self._by_client: dict[tuple[int, int], Traffic] = {}
-        self._by_step: dict[tuple[int, int], Traffic] = {}
 
-    def add(
-        self, server_round: int, client: int, traffic: Traffic, step: int | None = None
-    ) -> None:
-        """Record ``traffic`` for ``client`` in ``server_round`` (and in ``step`` if given)."""
+    def add(self, server_round: int, client: int, traffic: Traffic) -> None:
+        """Record ``traffic`` for ``client`` in ``server_round``."""
         key = (server_round, client)
         self._by_client[key] = self._by_client.get(key, Traffic()) + traffic
-        if step is not None:
-            key = (server_round, step)
-            self._by_step[key] = self._by_step.get(key, Traffic()) + traffic
 
     def client_round(self, server_round: int, client: int) -> Traffic:
         """One client's traffic in one round."""
         return replace(self._by_client.get((server_round, client), Traffic()))
-
-    def step_total(self, server_round: int, step: int) -> Traffic:
-        """All clients' traffic for one step of one round."""
-        return replace(self._by_step.get((server_round, step), Traffic()))
 
     def round_total(self, server_round: int) -> Traffic:
         """All clients' traffic in one round."""
@@ -164,56 +147,14 @@ class TrafficLedger:
             "clients": [
                 {"round": r, "client": c, **asdict(t)} for (r, c), t in self._by_client.items()
             ],
-            "steps": [{"round": r, "step": s, **asdict(t)} for (r, s), t in self._by_step.items()],
         }
 
     @classmethod
     def from_state(cls, state: dict[str, list[dict[str, Any]]]) -> TrafficLedger:
         """Rebuild a ledger saved with :meth:`state` (resume after a restart)."""
         ledger = cls()
-        tables = (("clients", "client", ledger._by_client), ("steps", "step", ledger._by_step))
-        for name, column, table in tables:
-            for row in state[name]:
-                counts = dict(row)
-                key = (counts.pop("round"), counts.pop(column))
-                table[key] = Traffic(**counts)
+        for row in state["clients"]:
+            counts = dict(row)
+            key = (counts.pop("round"), counts.pop("client"))
+            ledger._by_client[key] = Traffic(**counts)
         return ledger
-
-
-def sim_time_s(
-    compute_s: float,
-    bytes_up: int,
-    bytes_down: int,
-    *,
-    compute_factor: float = 1.0,
-    bandwidth_up_mbps: float,
-    bandwidth_down_mbps: float,
-    latency_s: float,
-    messages: int = 1,
-) -> float:
-    """Simulated seconds for one client: compute × factor + bytes / bandwidth + latency.
-
-    Each direction is timed at its own bandwidth (Mbit/s, so bytes × 8 / (mbps × 1e6));
-    ``latency_s`` is paid once per message exchanged. Infinite bandwidth costs no time.
-    """
-    if compute_s < 0 or compute_factor < 0 or latency_s < 0 or messages < 0:
-        raise ValueError("compute time, compute factor, latency and messages must be >= 0")
-    if bytes_up < 0 or bytes_down < 0:
-        raise ValueError("byte counts must be >= 0")
-    if not (bandwidth_up_mbps > 0 and bandwidth_down_mbps > 0):
-        raise ValueError("bandwidths must be > 0 Mbit/s")
-    transfer = bytes_up * 8 / (bandwidth_up_mbps * 1e6) + bytes_down * 8 / (
-        bandwidth_down_mbps * 1e6
-    )
-    return compute_s * compute_factor + transfer + latency_s * messages
-
-
-def round_sim_time(per_client_times: Iterable[float], mode: str) -> float:
-    """A round's simulated time: the slowest client in SplitFed (clients run in parallel),
-    the sum in vanilla SL (clients take turns)."""
-    times = list(per_client_times)
-    if mode == "splitfed":
-        return max(times, default=0.0)
-    if mode == "vanilla":
-        return math.fsum(times)
-    raise ValueError(f"sl-mode {mode!r} is not one of {', '.join(SL_MODES)}")

@@ -71,6 +71,7 @@ class RunConfig:
     weight_decay: float = 0.0
     fraction_train: float = 1.0
     min_nodes: int = 1
+    min_clients: int = 1
     budget_mb: float = 0.0
     eval_every: int = 0
     eval_batch_size: int = 512
@@ -250,6 +251,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "weight-decay": _in_range(0),
     "fraction-train": _in_range(0, 1, low_open=True),
     "min-nodes": _in_range(1),
+    "min-clients": _in_range(1),
     "budget-mb": _in_range(0),
     "eval-every": _in_range(0),
     "eval-batch-size": _in_range(1),

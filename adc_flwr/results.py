@@ -4,12 +4,12 @@
 
 - ``config.json``: the resolved, validated run config (atomic write).
 - ``metrics.csv``: append-only, one row per step, evaluation or round, with the fixed columns
-  :data:`METRIC_COLUMNS` (``kind`` is ``step``, ``eval`` or ``round``; a value a row does
+  :data:`METRIC_COLUMNS` (``kind`` is ``step`` or ``eval``; a value a row does
   not have, or NaN, is a blank cell). Each row is flushed when written; :meth:`RunDir.flush`
   fsyncs (call it at least once per round, before the checkpoint).
 - ``summary.json`` (atomic write), built with :func:`make_summary`. Keys, always present:
   ``status`` (``"completed"`` or ``"failed"``), ``stop_reason`` (why a completed run
-  stopped, e.g. ``"rounds"`` or ``"budget"``; null when failed), ``error`` (the failure;
+  stopped: ``"num-server-rounds"`` or ``"budget-mb"``; null when failed), ``error`` (the failure;
   null when completed), ``rounds``, ``test_accuracy``, ``test_loss``, ``bytes_up_act``,
   ``bytes_up_targets``, ``bytes_down_grad``, ``bytes_model_sync``, ``compression_ratio``,
   ``wall_time_s`` (null when unknown), plus any extra metrics the caller adds. Non-finite
@@ -47,7 +47,6 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "kind",
     "round",
     "step",
-    "client",
     "train_loss",
     "test_accuracy",
     "test_loss",
@@ -56,10 +55,9 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "bytes_down_grad",
     "bytes_model_sync",
     "compression_ratio",
-    "sim_time_s",
     "wall_time_s",
 )
-ROW_KINDS = ("step", "eval", "round")
+ROW_KINDS = ("step", "eval")
 SUMMARY_METRICS = (
     "rounds",
     "test_accuracy",

@@ -8,7 +8,6 @@ one forward/backward over the packets of all clients in a step, gradients per pa
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,17 +158,12 @@ class ClientWorker:
     def _encode(self, idx: np.ndarray, seed: int, plan: dict[str, torch.Tensor] | None) -> Packet:
         pixels, labels = self.spec.batch(self.split, idx)
         h, cls_attn = self.front(pixels, with_cls_attention=True)  # (B, n, d), (B, n)
-        encoder = self.compressor.client_module()
-        if encoder is not None:
-            h = encoder(h)
         return self.compressor.encode(h, labels, cls_attn, plan=plan, seed=seed)
 
-    def forward_packet(self, idx: np.ndarray, seed: int) -> tuple[Packet, float]:
-        """Forward and encode a batch (no graph kept, only the plan); returns compute seconds."""
-        t0 = time.perf_counter()
+    def forward_packet(self, idx: np.ndarray, seed: int) -> Packet:
+        """Forward and encode a batch (no graph kept, only the plan)."""
         with torch.no_grad():
-            packet = self._encode(idx, seed, plan=None)
-        return packet, time.perf_counter() - t0
+            return self._encode(idx, seed, plan=None)
 
     def apply_grads(
         self,
@@ -177,9 +171,8 @@ class ClientWorker:
         seed: int,
         plan: dict[str, torch.Tensor],
         grads: dict[str, torch.Tensor],
-    ) -> float:
-        """Recompute the forward with ``plan``, backpropagate ``grads``, step; returns seconds."""
-        t0 = time.perf_counter()
+    ) -> None:
+        """Recompute the forward with ``plan``, backpropagate ``grads``, step."""
         packet = self._encode(idx, seed, plan=plan)
         sent = packet.grad_tensors()
         received = self.compressor.decompress_grads(grads, packet)
@@ -192,7 +185,6 @@ class ClientWorker:
             [sent[k] for k in names], [received[k].to(sent[k].dtype) for k in names]
         )
         self.optimizer.step()
-        return time.perf_counter() - t0
 
 
 def split_loss(logits: torch.Tensor, targets: torch.Tensor, soft: bool) -> torch.Tensor:
@@ -226,13 +218,12 @@ class ServerWorker:
         decoding (they stay leaves), and each packet's gradients get downlink noise after
         ``compress_grads``: one SNR draw per message, per client and direction.
         """
-        decoder = self.compressor.server_module()
         h_parts, target_parts, leaves = [], [], []
         for p in packets:
             if self.channel is not None:
                 self.channel.apply_message_(p.tensors)
             h, grad_leaves = self.compressor.server_decode(p.tensors)  # (B_i, k, d)
-            h_parts.append(decoder(h) if decoder is not None else h)
+            h_parts.append(h)
             target_parts.append(p.targets)
             leaves.append(grad_leaves)
         soft = packets[0].soft_targets
@@ -250,20 +241,22 @@ class ServerWorker:
 
 @torch.no_grad()
 def evaluate(
-    front: ClientFront,
+    modules: dict[str, nn.Module],
     back: ServerBack,
     split: ImageSplit,
     spec: InputSpec,
     batch_size: int,
     *,
-    encoder: nn.Module | None = None,
-    decoder: nn.Module | None = None,
+    compressor: Compressor,
 ) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of front+back on ``split``, without compression.
+    """Accuracy and mean cross-entropy of the client-side ``modules`` + ``back`` on ``split``.
 
-    A learned bottleneck (``encoder``/``decoder``) is part of the model the back was trained
-    on, so it stays in the path; no lossy encoding (clustering, sparsification) is applied.
+    ``modules``: by prefix, as :func:`client_modules` builds them (or a copy holding other
+    weights, e.g. a probed average). Nothing is compressed: the front's output goes through
+    ``compressor.eval_forward``, which keeps only the learned parts (part of the model the
+    back was trained on), with the ``encoder`` weights of ``modules``.
     """
+    front, client_part = modules["front"], modules.get("encoder")
     front.eval()
     back.eval()
     correct, loss_sum = 0, 0.0
@@ -271,10 +264,8 @@ def evaluate(
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         pixels, labels = spec.batch(split, idx)
-        h, _ = front(pixels, with_cls_attention=False)
-        if encoder is not None and decoder is not None:
-            h = decoder(encoder(h))
-        logits = back(h)
+        h, _ = front(pixels, with_cls_attention=False)  # (B, n, d)
+        logits = back(compressor.eval_forward(h, client_part))
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
     front.train()

@@ -80,7 +80,7 @@ def plain_step_times(method: str, steps: int) -> list[float]:
     """The same steps with the workers called directly, no Flower, no serialisation."""
     set_task_identity()
     cfg = RunConfig.from_run_config(run_config(method, steps) | {"out-dir": tempfile.mkdtemp()})
-    strategy, _ = build_strategy(cfg, run_dir=None, num_nodes=NUM_CLIENTS, progress=lambda _: None)
+    strategy, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     server = strategy.server
     workers, setups = [], []
     for pid in range(NUM_CLIENTS):
@@ -93,7 +93,7 @@ def plain_step_times(method: str, steps: int) -> list[float]:
 
     def forward(step: int) -> list:
         return [
-            w.forward_packet(s.batch_indices(step), s.encode_seed(1, step))[0]
+            w.forward_packet(s.batch_indices(step), s.encode_seed(1, step))
             for w, s in zip(workers, setups, strict=True)
         ]
 

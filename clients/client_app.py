@@ -2,7 +2,9 @@
 
 Protocol (DESIGN.md section 3), one exchange per step:
 
-- ``train.start`` {front weights, config}: load the front, forward batch 0, reply packet 0.
+- ``query.info``: which partition this node holds (node ids say nothing about it).
+- ``train.start`` {front weights, config}: load the front, forward batch 0, reply packet 0;
+  the config carries this client's own data cursor (batches consumed in earlier rounds).
 - ``train.step`` {gradients for packet s, config}: recompute forward s with its saved plan,
   backward, optimizer step; reply packet s+1, or on the last step the front weights.
 
@@ -31,15 +33,29 @@ PENDING_META = "pending-meta"
 ROUND = "round"
 
 
+@app.query("info")
+def info(msg: Message, context: Context) -> Message:
+    """Which data partition this node holds: the server samples partitions, not node ids."""
+    node = context.node_config
+    record = MetricRecord(
+        {"partition-id": int(node["partition-id"]), "num-partitions": int(node["num-partitions"])}
+    )
+    return Message(RecordDict({"info": record}), reply_to=msg)
+
+
 @app.train("start")
 def start(msg: Message, context: Context) -> Message:
     """Start of a round: take the front the server sent, send the first packet."""
     setup = _setup(context)
     config = msg.content["config"]
+    if int(config["partition-id"]) != setup.partition_id:
+        raise ValueError(
+            f"the server addressed partition {config['partition-id']} to the node holding "
+            f"partition {setup.partition_id}"
+        )
     worker = setup.worker(record_to_state(msg.content[FRONT]), _optimizer_state(context))
-    batches_done = int(config["batches-done"][setup.partition_id])
     context.state[ROUND] = ConfigRecord(
-        {"round": int(config["round"]), "batches-done": batches_done}
+        {"round": int(config["round"]), "batches-done": int(config["batches-done"])}
     )
     reply = _forward_next(setup, worker, context, step=0, examples=0)
     _save(context, worker)
@@ -48,7 +64,11 @@ def start(msg: Message, context: Context) -> Message:
 
 @app.train("step")
 def step(msg: Message, context: Context) -> Message:
-    """Apply the gradients of the packet in flight; send the next packet or the front."""
+    """Apply the gradients of the packet in flight; send the next packet or the front.
+
+    ``probe`` asks for the front beside the next packet: the server evaluates the model as it
+    stands mid-round (``eval-every``); it is not part of the protocol's traffic.
+    """
     setup = _setup(context)
     config = msg.content["config"]
     worker = setup.worker(load_tensors(context, FRONT), _optimizer_state(context))
@@ -58,24 +78,16 @@ def step(msg: Message, context: Context) -> Message:
         k.removeprefix("plan."): v for k, v in pending.to_torch_state_dict().items() if k != "idx"
     }
     idx = pending["idx"].numpy()
-    compute_s = worker.apply_grads(
-        idx, int(meta["seed"]), plan, record_to_grads(msg.content["grads"])
-    )
+    worker.apply_grads(idx, int(meta["seed"]), plan, record_to_grads(msg.content["grads"]))
     examples = int(meta["examples"]) + len(idx)
     if bool(config["last"]):
-        metrics = MetricRecord(
-            {
-                "partition-id": setup.partition_id,
-                "num-examples": examples,
-                "steps": int(meta["step"]) + 1,
-                "compute-s": compute_s,
-            }
-        )
+        metrics = MetricRecord({"partition-id": setup.partition_id, "num-examples": examples})
         reply = RecordDict({FRONT: state_to_record(worker.front_state()), "metrics": metrics})
         del context.state[PENDING], context.state[PENDING_META]
     else:
         reply = _forward_next(setup, worker, context, step=int(meta["step"]) + 1, examples=examples)
-        reply["metrics"]["compute-s"] = float(reply["metrics"]["compute-s"]) + compute_s
+        if bool(config["probe"]):
+            reply[FRONT] = state_to_record(worker.front_state())
     _save(context, worker)
     return Message(reply, reply_to=msg)
 
@@ -102,7 +114,7 @@ def _forward_next(
     round_state = context.state[ROUND]
     idx = setup.batch_indices(int(round_state["batches-done"]) + step)
     seed = setup.encode_seed(int(round_state["round"]), step)
-    packet, compute_s = worker.forward_packet(idx, seed)
+    packet = worker.forward_packet(idx, seed)
     pending = {"idx": torch.from_numpy(idx)} | {f"plan.{k}": v for k, v in packet.plan.items()}
     context.state[PENDING] = ArrayRecord(pending)
     context.state[PENDING_META] = ConfigRecord({"seed": seed, "step": step, "examples": examples})
@@ -110,7 +122,7 @@ def _forward_next(
         {
             "partition-id": setup.partition_id,
             "steps-per-epoch": setup.steps_per_epoch,
-            "compute-s": compute_s,
+            "num-examples": examples,
         }
     )
     return RecordDict(

@@ -35,11 +35,10 @@ stop_superlink() {
 }
 trap stop_superlink EXIT
 
-if curl -fs -m 2 "http://127.0.0.1:${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}/health" >/dev/null 2>&1; then
-    echo "a Flower SuperLink already listens on port ${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091};" \
-         "stop it (pkill -f flower-superlink) or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT" >&2
-    exit 1
-fi
+# A private SuperLink on two free ports, so that runs side by side never share one.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-$(free_port)}
+export FLWR_LOCAL_CONTROL_API_PORT=${FLWR_LOCAL_CONTROL_API_PORT:-$(free_port)}
 
 mkdir -p "$OUT_DIR"
 flwr run . --stream \

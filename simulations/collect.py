@@ -160,7 +160,7 @@ def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
     Columns: run, method, level, the keys that vary between runs, then round, step (global
     training steps done before the evaluation), test_accuracy, test_loss, mb_up, mb_down,
-    mb_sync, mb_total, compression_ratio, sim_time_s, wall_time_s.
+    mb_sync, mb_total, compression_ratio, wall_time_s.
     """
     runs = _runs(results_dir)
     swept = [k for k in _swept_keys([c for _, c in runs]) if k != "method"]
@@ -185,7 +185,7 @@ def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
         )
         for key, values in _mb(evals).items():  # cumulative byte counts at each evaluation
             frame[key] = values.to_numpy()
-        for key in ("compression_ratio", "sim_time_s", "wall_time_s"):
+        for key in ("compression_ratio", "wall_time_s"):
             frame[key] = evals[key].to_numpy()
         frames.append(frame)
     if not frames:

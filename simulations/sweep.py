@@ -364,7 +364,7 @@ def run_point_inprocess(
     from strategies.inprocess_grid import InProcessGrid
 
     grid = InProcessGrid(client_app.app, nodes, cfg.to_run_config())
-    return run_experiment(grid, cfg, num_nodes=nodes, progress=progress)
+    return run_experiment(grid, cfg, progress=progress)
 
 
 def run_point_flwr(cfg: RunConfig, nodes: int, progress: Callable[[str], None]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from adc_flwr.training import (
     make_optimizer,
     modules_state,
 )
+from strategies.outcomes import DROP_REASONS
 from strategies.split_strategy import SplitLearningStrategy
 
 
@@ -42,7 +43,6 @@ def build_strategy(
     cfg: RunConfig,
     *,
     run_dir: RunDir | None,
-    num_nodes: int | None,
     progress: Callable[[str], None] = print,
 ) -> tuple[SplitLearningStrategy, ArrayRecord]:
     """The strategy (owning the back) and the initial global client-side weights."""
@@ -65,7 +65,6 @@ def build_strategy(
         evaluation_split(data.test, cfg.eval_samples, cfg.seed),
         InputSpec.for_model(vit, data),
         run_dir=run_dir,
-        num_nodes=num_nodes,
         progress=progress,
     )
     return strategy, state_to_record(modules_state(modules))
@@ -123,11 +122,7 @@ def restore(strategy: SplitLearningStrategy, state: dict[str, Any]) -> None:
 
 
 def run_experiment(
-    grid: Grid,
-    cfg: RunConfig,
-    *,
-    num_nodes: int | None = None,
-    progress: Callable[[str], None] = print,
+    grid: Grid, cfg: RunConfig, *, progress: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run (or resume) ``cfg`` on ``grid``; returns the summary written to ``summary.json``."""
     run_dir = RunDir(cfg.run_dir)
@@ -140,7 +135,7 @@ def run_experiment(
             f"{run_dir.path} holds a run with another config; pick another run-name or out-dir"
         )
     run_dir.write_config(cfg.to_run_config())
-    strategy, arrays = build_strategy(cfg, run_dir=run_dir, num_nodes=num_nodes, progress=progress)
+    strategy, arrays = build_strategy(cfg, run_dir=run_dir, progress=progress)
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
         restore(strategy, checkpoint)
@@ -157,7 +152,7 @@ def run_experiment(
     )
     started = time.perf_counter()
     try:
-        strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds)
+        strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds, timeout=cfg.step_timeout)
     except Exception as exc:
         summary = _summary(strategy, "failed", error=f"{type(exc).__name__}: {exc}")
         run_dir.write_summary(summary)
@@ -184,6 +179,10 @@ def _summary(strategy: SplitLearningStrategy, status: str, **extra: Any) -> dict
         rounds=len(strategy.history),
         wall_time_s=strategy.elapsed(),
         history=strategy.history,
+        drops={
+            reason: sum(int(row.get(f"dropped_{reason}", 0)) for row in strategy.history)
+            for reason in DROP_REASONS
+        },
         **strategy.ledger.total().as_dict(),
         **extra,
     )

@@ -4,11 +4,16 @@ Used by the fast tests and by in-process sweeps where simulated (not measured) w
 what matters. Each node has its own ``Context`` whose ``state`` is pickled on the way in and
 out of every call, as the Ray engine does, so state that would not survive a real actor
 does not survive here either. A handler that raises becomes an error reply, as in the engine.
+
+It is as unfriendly as the engine where that matters: node ids are random 64-bit integers
+unrelated to the partition ids, ``get_node_ids`` lists them in no particular order, and the
+replies of one pull come back shuffled.
 """
 
 from __future__ import annotations
 
 import pickle
+import random
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
@@ -36,8 +41,9 @@ class InProcessGrid(Grid):
         client_app: the ClientApp under test.
         num_nodes: number of virtual SuperNodes (partition ids 0..num_nodes-1).
         run_config: the flat run config every node sees.
-        silent_nodes: partition ids whose messages are swallowed (no reply ever comes),
-            to exercise timeouts.
+        seed: seeds the node ids and the shuffling (None: a fresh random seed).
+        silent_nodes: partition ids that never answer a ``train.*`` message (they still say
+            which partition they hold), to exercise timeouts.
         before_call: optional hook ``(partition_id, message)`` run before each delivery
             (tests use it to inject faults).
     """
@@ -50,14 +56,19 @@ class InProcessGrid(Grid):
         *,
         silent_nodes: Iterable[int] = (),
         before_call: Callable[[int, Message], None] | None = None,
+        seed: int | None = None,
     ) -> None:
         set_task_identity()
         self.client_app = client_app
         self.silent_nodes = set(silent_nodes)
         self.before_call = before_call
+        self._rng = random.Random(seed)
+        node_ids: dict[int, None] = {}  # random, distinct, in draw order
+        while len(node_ids) < num_nodes:
+            node_ids[self._rng.getrandbits(63) + 1] = None
+        partitions = self._rng.sample(range(num_nodes), num_nodes)
         self.contexts: dict[int, Context] = {}
-        for pid in range(num_nodes):
-            node_id = 1000 + pid
+        for node_id, pid in zip(node_ids, partitions, strict=True):
             self.contexts[node_id] = Context(
                 run_id=1,
                 node_id=node_id,
@@ -87,7 +98,16 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        nodes = list(self.contexts)
+        self._rng.shuffle(nodes)
+        return nodes
+
+    def node_of_partition(self, partition_id: int) -> int:
+        """The node id holding ``partition_id`` (for tests)."""
+        for node_id, context in self.contexts.items():
+            if context.node_config["partition-id"] == partition_id:
+                return node_id
+        raise KeyError(partition_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -97,7 +117,7 @@ class InProcessGrid(Grid):
             self.messages_sent += 1
             context = self.contexts[msg.metadata.dst_node_id]
             pid = int(context.node_config["partition-id"])
-            if pid in self.silent_nodes:
+            if pid in self.silent_nodes and msg.metadata.message_type.startswith("train"):
                 continue
             self._replies[msg.metadata.message_id] = self._deliver(pid, msg, context)
         return ids
@@ -118,7 +138,9 @@ class InProcessGrid(Grid):
         return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        replies = [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        self._rng.shuffle(replies)
+        return replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -15,4 +15,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, then train; failures are recorded in summary.json and re-raised."""
     cfg = RunConfig.from_run_config(context.run_config)
-    run_experiment(grid, cfg, num_nodes=cfg.min_nodes)
+    run_experiment(grid, cfg)

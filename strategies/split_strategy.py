@@ -1,19 +1,25 @@
 """SplitLearningStrategy: a Flower Strategy that hosts the ViT's back and drives split learning.
 
 Flower's ``Strategy.start`` makes one train exchange per round; split learning needs one per
-step, so ``start`` is overridden with the loop of DESIGN.md section 3. The five abstract
-methods keep their Flower meaning: ``configure_train`` builds the round's ``train.start``
-messages, ``aggregate_train`` is FedAvg of the client fronts (SplitFed).
+step, so ``start`` is overridden with the loop of DESIGN.md section 3, which reads top to
+bottom below: sample partitions, start them, step until each has done its steps, average
+(SplitFed) or relay (vanilla) the fronts, evaluate. Messaging lives in
+:mod:`strategies.transport`, round outcomes in :mod:`strategies.outcomes`.
+
+Clients are sampled by data partition, never by node id: under Ray node ids are random, so
+the seeded sampler draws partition ids and :func:`discover_partitions` maps them to nodes.
+Each client is sent its own data cursor (batches it consumed in earlier rounds).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,12 +39,10 @@ from adc_flwr.config import RunConfig
 from adc_flwr.data import ImageSplit
 from adc_flwr.results import RunDir
 from adc_flwr.training import InputSpec, ServerWorker, evaluate, load_modules_state
+from strategies.outcomes import RoundOutcome, describe_failures
+from strategies.transport import Transport, discover_partitions
 
 log = logging.getLogger("adc_flwr")
-
-POLL_INTERVAL_S = (
-    0.005  # how often to pull replies (cheap, in memory); the engine ticks every 0.1 s
-)
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,23 +51,18 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class ClientRound:
-    """One sampled client's progress within a round."""
+    """One started client's progress within a round."""
 
     node_id: int
     partition_id: int
-    steps: int
-    step: int = 0
-    packet: ArrayRecord | None = None
-    final: RecordDict | None = None
+    steps: int  # steps it does this round
+    packet: ArrayRecord  # the packet in flight
+    step: int = 0  # steps done
+    examples: int = 0  # samples trained so far this round (its FedAvg weight)
 
-
-@dataclass
-class RoundOutcome:
-    """What a round produced: finished clients' replies and whether the budget ran out."""
-
-    finished: list[Message] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    budget_hit: bool = False
+    @property
+    def on_last_step(self) -> bool:
+        return self.step + 1 >= self.steps
 
 
 class SplitLearningStrategy(Strategy):
@@ -76,8 +75,7 @@ class SplitLearningStrategy(Strategy):
             weights are synchronised with the clients and evaluated.
         test_split, spec: central test data and how to feed it to the model.
         run_dir: where metrics go (None: nowhere).
-        num_nodes: SuperNodes to wait for before the first round.
-        progress: called with one line of text per round.
+        progress: called with one line of text per round (and per group of drops).
     """
 
     def __init__(
@@ -89,7 +87,6 @@ class SplitLearningStrategy(Strategy):
         spec: InputSpec,
         *,
         run_dir: RunDir | None = None,
-        num_nodes: int | None = None,
         progress: Callable[[str], None] = print,
     ) -> None:
         self.cfg = cfg
@@ -100,29 +97,33 @@ class SplitLearningStrategy(Strategy):
         self.test_split = test_split
         self.spec = spec
         self.run_dir = run_dir
-        self.num_nodes = num_nodes
         self.progress = progress
         self.ledger = TrafficLedger()
         self.batches_done: dict[int, int] = {}  # partition id -> batches consumed so far
-        self.dropped: dict[int, str] = {}  # node id -> reason (this round)
-        self.in_flight: dict[int, str] = {}  # node id -> id of a message still unanswered
+        self.nodes: dict[int, int] = {}  # partition id -> node id holding it
         self.history: list[dict[str, float]] = []
         self.settle_s = 1.0
         self.stop_reason = "num-server-rounds"
         self.start_round = 1
         self.global_step = 0
         self.wall_offset = 0.0
+        self.timeout = cfg.step_timeout
+        self.transport: Transport | None = None
         self._wall_start = time.perf_counter()
         self._rng = random.Random(cfg.seed)
+        self._probe_modules: dict[str, torch.nn.Module] | None = None
 
     # ---- Flower Strategy interface ------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """``train.start`` for each sampled node: the global front and the round config
-        (``config`` entries are added to what the ClientApp needs)."""
-        return self._start_messages(server_round, arrays, self.sample_nodes(grid), config)
+        """``train.start`` for each sampled partition's node: the global front, the round
+        config (``config`` entries are added) and that client's own data cursor."""
+        return [
+            self.start_message(server_round, arrays, partition, config)
+            for partition in self.sample(grid)
+        ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -156,10 +157,10 @@ class SplitLearningStrategy(Strategy):
             self.cfg.local_steps or "one epoch of",
         )
 
-    # ---- sampling and messaging ---------------------------------------------------------
+    # ---- nodes and sampling -------------------------------------------------------------
 
     def wait_for_nodes(self, grid: Grid, timeout: float = 120.0) -> list[int]:
-        """Registered node ids, once at least ``num_nodes`` are there and the count has
+        """Registered node ids, once at least ``min-nodes`` are there and the count has
         stopped changing for ``settle_s`` (SuperNodes may still be registering at t=0)."""
         deadline = time.monotonic() + timeout
         nodes: list[int] = []
@@ -168,68 +169,56 @@ class SplitLearningStrategy(Strategy):
             current = sorted(grid.get_node_ids())
             if current != nodes:
                 nodes, stable_since = current, time.monotonic()
-            enough = len(nodes) >= (self.num_nodes or 1)
+            enough = len(nodes) >= self.cfg.min_nodes
             if enough and time.monotonic() - stable_since >= self.settle_s:
                 self.settle_s = 0.0  # settle once per run
                 return nodes
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"only {len(nodes)} of min-nodes={self.num_nodes} SuperNodes registered "
+                    f"only {len(nodes)} of min-nodes={self.cfg.min_nodes} SuperNodes registered "
                     f"within {timeout:.0f} s"
                 )
             time.sleep(0.1)
 
-    def sample_nodes(self, grid: Grid) -> list[int]:
-        """``fraction-train`` of the registered nodes (at least one), seeded."""
-        nodes = self.wait_for_nodes(grid)
-        count = max(1, round(self.cfg.fraction_train * len(nodes)))
-        free = self._free_nodes(grid, nodes)
+    def partitions(self, grid: Grid) -> list[int]:
+        """Partition ids held by registered nodes; new nodes are asked which they hold."""
+        registered = self.wait_for_nodes(grid)
+        transport = self._transport(grid)
+        known = set(self.nodes.values())
+        unknown = [n for n in registered if n not in known and n not in transport.busy_nodes()]
+        if unknown:
+            started = time.perf_counter()
+            found, silent = discover_partitions(transport, unknown, self.timeout)
+            self.nodes.update(found)
+            self.progress(
+                f"{len(found)} node(s) hold partitions {_ranges(sorted(found))} "
+                f"(asked in {time.perf_counter() - started:.1f} s)"
+                + (f"; {len(silent)} did not answer" if silent else "")
+            )
+        alive = set(registered)
+        return sorted(p for p, node in self.nodes.items() if node in alive)
+
+    def sample(self, grid: Grid) -> list[int]:
+        """``fraction-train`` of the partitions (at least one), drawn with the seeded sampler
+        from those whose node owes no reply, in ascending order."""
+        partitions = self.partitions(grid)
+        if not partitions:
+            raise RuntimeError("no SuperNode answered which data partition it holds")
+        count = max(1, round(self.cfg.fraction_train * len(partitions)))
+        if count < self.cfg.min_clients:
+            raise RuntimeError(
+                f"fraction-train={self.cfg.fraction_train:g} of {len(partitions)} partitions "
+                f"samples {count} client(s) a round, fewer than min-clients="
+                f"{self.cfg.min_clients}; raise fraction-train or lower min-clients"
+            )
+        busy = self._transport(grid).busy_nodes()
+        free = [p for p in partitions if self.nodes[p] not in busy]
         return sorted(self._rng.sample(free, min(count, len(free))))
 
-    def exchange(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
-        """Send, wait up to ``step-timeout``; failed or silent nodes are dropped and logged.
-
-        A silent node's message stays in flight, and the node is not sampled again until its
-        late reply has been pulled: a node never gets a second message before it answered.
-        """
-        if not messages:
-            return {}
-        ids = list(grid.push_messages(messages))
-        node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
-        pending = set(ids)
-        deadline = time.monotonic() + self.cfg.step_timeout
-        by_node: dict[int, Message] = {}
-        while pending:
-            for reply in grid.pull_messages(pending):
-                pending.discard(reply.metadata.reply_to_message_id)
-                node = node_of[reply.metadata.reply_to_message_id]
-                if reply.has_error():
-                    self._drop(node, f"client error: {reply.error.reason}")
-                else:
-                    by_node[node] = reply
-            if not pending or time.monotonic() > deadline:
-                break
-            time.sleep(POLL_INTERVAL_S)
-        for message_id in pending:
-            node = node_of[message_id]
-            self.in_flight[node] = message_id
-            self._drop(node, f"no reply within step-timeout={self.cfg.step_timeout:g} s")
-        return by_node
-
-    def _free_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
-        """Nodes without a message in flight (late replies are pulled and discarded)."""
-        if self.in_flight:
-            for reply in grid.pull_messages(list(self.in_flight.values())):
-                late = [
-                    n for n, i in self.in_flight.items() if i == reply.metadata.reply_to_message_id
-                ]
-                for node in late:
-                    del self.in_flight[node]
-        return [n for n in nodes if n not in self.in_flight]
-
-    def _drop(self, node_id: int, reason: str) -> None:
-        self.dropped[node_id] = reason
-        self.progress(f"  dropped node {node_id}: {reason}")
+    def _transport(self, grid: Grid) -> Transport:
+        if self.transport is None or self.transport.grid is not grid:
+            self.transport = Transport(grid)
+        return self.transport
 
     # ---- the split-learning loop --------------------------------------------------------
 
@@ -243,194 +232,338 @@ class SplitLearningStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run rounds of split learning; ``initial_arrays`` is the global client-side state."""
-        result = Result()
+        """Run rounds ``start_round..num_rounds`` of split learning.
+
+        Flower's arguments keep their meaning: ``initial_arrays`` is the global client-side
+        state, ``timeout`` the seconds to wait for the replies of one exchange (one step),
+        ``train_config`` goes to every client in ``train.start``, and ``evaluate_fn(round,
+        arrays)`` runs after each round (and before the first) beside the built-in central
+        evaluation. ``evaluate_config`` is refused: no client evaluates here.
+        """
+        if evaluate_config:
+            raise ValueError(
+                "SplitLearningStrategy evaluates centrally; evaluate_config has no use here"
+            )
+        self.timeout = timeout
+        result = Result(arrays=initial_arrays)
         arrays = initial_arrays
         self.summary()
+        if evaluate_fn is not None and self.start_round == 1:
+            self._record_evaluate_fn(result, evaluate_fn, 0, arrays)
         for server_round in range(self.start_round, num_rounds + 1):
-            self.dropped = {}
-            if self.cfg.sl_mode == "splitfed":
-                outcome, arrays_new = self.run_splitfed_round(grid, server_round, arrays)
-            else:
-                outcome, arrays_new = self.run_vanilla_round(grid, server_round, arrays)
-            if arrays_new is not None:
-                arrays = arrays_new
+            outcome, new_arrays = self.run_round(grid, server_round, arrays, train_config)
+            if new_arrays is not None:
+                arrays = new_arrays
                 load_modules_state(self.client_modules, record_to_state(arrays))
             result.arrays = arrays
+            result.train_metrics_clientapp[server_round] = MetricRecord(
+                {
+                    "num-examples": sum(
+                        int(r.content["metrics"]["num-examples"]) for r in outcome.finished.values()
+                    ),
+                    "clients": len(outcome.finished),
+                }
+            )
             metrics = self.evaluate_round(server_round, outcome)
             result.evaluate_metrics_serverapp[server_round] = MetricRecord(metrics)
+            if evaluate_fn is not None:
+                self._record_evaluate_fn(result, evaluate_fn, server_round, arrays)
+            outcome.check(server_round, self.cfg.min_clients)
             self.after_round(server_round, arrays)
             if outcome.budget_hit:
                 self.stop_reason = "budget-mb"
                 break
-            if not outcome.finished:
-                self.stop_reason = "no-clients-left"
-                break
         return result
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Called after each round's evaluation; the experiment runner checkpoints here."""
+        """Called after each round that met ``min-clients``; the runner checkpoints here."""
 
-    def _start_messages(
+    def run_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        train_config: ConfigRecord | None = None,
+    ) -> tuple[RoundOutcome, ArrayRecord | None]:
+        """One round: SplitFed trains the sampled clients in parallel and averages their
+        fronts; vanilla SL trains them one after another, relaying the front."""
+        outcome = RoundOutcome(sampled=self.sample(grid))
+        if self.cfg.sl_mode == "splitfed":
+            self.train_clients(server_round, arrays, outcome.sampled, outcome, train_config)
+            # sum in partition order, not arrival order: float sums then repeat bit for bit
+            finished = [outcome.finished[p] for p in sorted(outcome.finished)]
+            new_arrays, _ = self.aggregate_train(server_round, finished)
+            return outcome, new_arrays
+        current = arrays
+        for i, partition in enumerate(outcome.sampled):
+            if outcome.budget_hit:
+                outcome.not_started = outcome.sampled[i:]
+                break
+            self.train_clients(server_round, current, [partition], outcome, train_config)
+            if partition in outcome.finished:
+                current = outcome.finished[partition].content["front"]
+        return outcome, (current if outcome.finished else None)
+
+    def train_clients(
         self,
         server_round: int,
         arrays: ArrayRecord,
-        nodes: list[int],
-        extra: ConfigRecord | None = None,
-    ) -> list[Message]:
-        config = ConfigRecord(
-            {
-                **(extra or {}),
-                "round": server_round,
-                # batches consumed per partition id so far, so the data stream is resumable
-                "batches-done": [
-                    self.batches_done.get(i, 0) for i in range(self._num_partitions(nodes))
-                ],
-            }
-        )
-        return [
-            Message(
-                RecordDict({"front": arrays, "config": config}),
-                dst_node_id=node_id,
-                message_type="train.start",
-                group_id=str(server_round),
-            )
-            for node_id in nodes
-        ]
-
-    def _num_partitions(self, nodes: list[int]) -> int:
-        return max(self.num_nodes or 0, len(nodes), max(self.batches_done, default=-1) + 1)
-
-    def run_splitfed_round(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord
-    ) -> tuple[RoundOutcome, ArrayRecord | None]:
-        """All sampled clients in parallel, one server batch per step; FedAvg at the end."""
-        nodes = self.sample_nodes(grid)
-        outcome = self.run_clients(grid, server_round, arrays, nodes)
-        # sum in partition order, not arrival order: float sums then repeat bit for bit
-        outcome.finished.sort(key=lambda reply: int(reply.content["metrics"]["partition-id"]))
-        new_arrays, _ = self.aggregate_train(server_round, outcome.finished)
-        return outcome, new_arrays
-
-    def run_vanilla_round(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord
-    ) -> tuple[RoundOutcome, ArrayRecord | None]:
-        """Sampled clients one after another; the front is relayed through the server."""
-        total = RoundOutcome()
-        current: ArrayRecord | None = None
-        for node in self.sample_nodes(grid):
-            outcome = self.run_clients(grid, server_round, current or arrays, [node])
-            total.losses += outcome.losses
-            if outcome.finished:
-                total.finished += outcome.finished
-                current = outcome.finished[-1].content["front"]
-            if outcome.budget_hit:
-                total.budget_hit = True
-                break
-        return total, current
-
-    def run_clients(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord, nodes: list[int]
-    ) -> RoundOutcome:
-        """Steps of split learning with ``nodes`` until each has done its steps."""
-        outcome = RoundOutcome()
+        partitions: list[int],
+        outcome: RoundOutcome,
+        train_config: ConfigRecord | None = None,
+    ) -> None:
+        """Split-learning steps with ``partitions`` until each has done its steps."""
         sync = Traffic.of_model_sync(arrays)
-        replies = self.exchange(grid, self._start_messages(server_round, arrays, nodes))
+        starts = {p: self.start_message(server_round, arrays, p, train_config) for p in partitions}
         active: dict[int, ClientRound] = {}
-        for node, reply in replies.items():
-            metrics = reply.content["metrics"]
-            steps = self.cfg.local_steps or int(metrics["steps-per-epoch"])
-            pid = int(metrics["partition-id"])
-            active[node] = ClientRound(node, pid, steps, packet=reply.content["packet"])
-            self.ledger.add(server_round, pid, sync)
-        step = 0
+        for partition, reply in self.exchange(starts, outcome).items():
+            steps = self.cfg.local_steps or int(reply.content["metrics"]["steps-per-epoch"])
+            node = self.nodes[partition]
+            active[partition] = ClientRound(node, partition, steps, reply.content["packet"])
+            self.ledger.add(server_round, partition, sync)
         while active:
-            loss, grads = self._server_step(server_round, step, active)
+            loss, grads = self.server_step(server_round, active)
             outcome.losses.append(loss)
-            messages, last_nodes = [], set()
-            budget_hit = False
-            for node, grad in grads.items():
-                client = active[node]
-                record = grads_to_record(grad, self.cfg.wire_dtype)
-                self.ledger.add(server_round, client.partition_id, Traffic.of_grads(record), step)
-                if self.cfg.budget_mb > 0 and self.ledger.mb_sent >= self.cfg.budget_mb:
-                    budget_hit = True
-                messages.append((node, record))
-            for node, _ in messages:
-                if budget_hit or active[node].step + 1 >= active[node].steps:
-                    last_nodes.add(node)
-            outcome.budget_hit |= budget_hit
-            sent = [
-                Message(
-                    RecordDict(
-                        {
-                            "grads": record,
-                            "config": ConfigRecord(
-                                {"step": active[node].step + 1, "last": node in last_nodes}
-                            ),
-                        }
-                    ),
-                    dst_node_id=node,
-                    message_type="train.step",
-                    group_id=str(server_round),
-                )
-                for node, record in messages
-            ]
-            replies = self.exchange(grid, sent)
-            self._record_step(server_round, step, loss)
-            for node in list(active):
-                client = active.pop(node)
-                reply = replies.get(node)
-                if reply is None:
-                    continue
-                self.batches_done[client.partition_id] = (
-                    self.batches_done.get(client.partition_id, 0) + 1
-                )
-                if node in last_nodes:
-                    self.ledger.add(
-                        server_round,
-                        client.partition_id,
-                        Traffic.of_model_sync(reply.content["front"]),
-                    )
-                    outcome.finished.append(reply)
-                else:
-                    client.step += 1
-                    client.packet = reply.content["packet"]
-                    active[node] = client
-            step += 1
+            for partition, record in grads.items():
+                self.ledger.add(server_round, partition, Traffic.of_grads(record))
+            outcome.budget_hit |= self.budget_spent()
+            probe = self.evaluation_due(self.global_step + 1) and not all(
+                c.on_last_step for c in active.values()
+            )
+            messages = {
+                p: self.step_message(server_round, active[p], grads[p], outcome.budget_hit, probe)
+                for p in active
+            }
+            replies = self.exchange(messages, outcome)
             self.global_step += 1
-            if self.cfg.eval_every and self.global_step % self.cfg.eval_every == 0:
-                self._evaluate_now(server_round, step)
-        return outcome
+            self._record_step(server_round, loss)
+            for partition, client in list(active.items()):
+                reply = replies.get(partition)
+                if reply is None:
+                    del active[partition]
+                    continue
+                self.batches_done[partition] = self.batches_done.get(partition, 0) + 1
+                client.step += 1
+                client.examples = int(reply.content["metrics"]["num-examples"])
+                if "packet" in reply.content:
+                    client.packet = reply.content["packet"]
+                else:  # its last step: the reply carries its trained front
+                    del active[partition]
+                    self.ledger.add(
+                        server_round, partition, Traffic.of_model_sync(reply.content["front"])
+                    )
+                    outcome.finished[partition] = reply
+            if probe:
+                self._evaluate_probe(server_round, replies, active, outcome)
 
-    def _server_step(
-        self, server_round: int, step: int, active: dict[int, ClientRound]
-    ) -> tuple[float, dict[int, dict[str, torch.Tensor]]]:
-        """Decode every active client's packet, one server batch, gradients per client."""
+    def server_step(
+        self, server_round: int, active: dict[int, ClientRound]
+    ) -> tuple[float, dict[int, ArrayRecord]]:
+        """Decode every active client's packet, one server batch; gradient records per client."""
         # fixed order (by partition), whatever order the replies arrived in: the server batch,
         # and with it every seeded draw after it (channel noise), is reproducible
-        nodes = sorted(active, key=lambda node: active[node].partition_id)
+        partitions = sorted(active)
         packets = []
-        for node in nodes:
-            client = active[node]
-            received = record_to_packet(client.packet)
+        for partition in partitions:
+            record = active[partition].packet
+            received = record_to_packet(record)
             packets.append(received)
             # the reference is what method `none` would send for the same batch: B samples
             # (soft-label counts add up to B), all tokens, float32
             batch = int(received.targets.sum()) if received.soft_targets else len(received.targets)
             reference = uncompressed_act_nbytes(batch, *self.front_shape)
-            self.ledger.add(
-                server_round, client.partition_id, Traffic.of_packet(client.packet, reference), step
-            )
+            self.ledger.add(server_round, partition, Traffic.of_packet(record, reference))
         loss, grads = self.server.step(packets)
         if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"server loss is {loss} at round {server_round}, step {step}: training diverged "
-                f"(try a lower lr than {self.cfg.lr:g})"
+                f"server loss is {loss} at round {server_round}, step {self.global_step}: "
+                f"training diverged (try a lower lr than {self.cfg.lr:g})"
             )
-        return loss, dict(zip(nodes, grads, strict=True))
+        return loss, {
+            p: grads_to_record(g, self.cfg.wire_dtype)
+            for p, g in zip(partitions, grads, strict=True)
+        }
+
+    def budget_spent(self) -> bool:
+        return self.cfg.budget_mb > 0 and self.ledger.mb_sent >= self.cfg.budget_mb
+
+    # ---- messages -----------------------------------------------------------------------
+
+    def start_message(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        partition: int,
+        extra: ConfigRecord | None = None,
+    ) -> Message:
+        """``train.start`` for ``partition``: the front and that client's own data cursor."""
+        config = ConfigRecord(
+            {
+                **(extra or {}),
+                "round": server_round,
+                "partition-id": partition,  # the client checks it holds this partition
+                "batches-done": self.batches_done.get(partition, 0),
+            }
+        )
+        return Message(
+            RecordDict({"front": arrays, "config": config}),
+            dst_node_id=self.nodes[partition],
+            message_type="train.start",
+            group_id=str(server_round),
+        )
+
+    def step_message(
+        self, server_round: int, client: ClientRound, grads: ArrayRecord, last: bool, probe: bool
+    ) -> Message:
+        """``train.step``: gradients of the packet in flight; ``last`` asks for the front
+        instead of a next packet, ``probe`` for the front beside it (evaluation only)."""
+        config = ConfigRecord(
+            {"step": client.step + 1, "last": last or client.on_last_step, "probe": probe}
+        )
+        return Message(
+            RecordDict({"grads": grads, "config": config}),
+            dst_node_id=client.node_id,
+            message_type="train.step",
+            group_id=str(server_round),
+        )
+
+    def exchange(self, messages: dict[int, Message], outcome: RoundOutcome) -> dict[int, Message]:
+        """Send one message per partition; replies by partition, failures into ``outcome``."""
+        if not messages:
+            return {}
+        partition_of = {m.metadata.dst_node_id: p for p, m in messages.items()}
+        assert self.transport is not None  # set by sample()
+        result = self.transport.exchange(list(messages.values()), self.timeout)
+        failed = {partition_of[node]: f for node, f in result.failures.items()}
+        if failed:
+            outcome.failures.update(failed)
+            self.progress(f"  dropped: {describe_failures(failed)}")
+        return {partition_of[node]: reply for node, reply in result.replies.items()}
 
     # ---- evaluation and metrics ---------------------------------------------------------
+
+    def evaluation_due(self, global_step: int) -> bool:
+        return bool(self.cfg.eval_every) and global_step % self.cfg.eval_every == 0
+
+    def _evaluate_probe(
+        self,
+        server_round: int,
+        replies: dict[int, Message],
+        active: dict[int, ClientRound],
+        outcome: RoundOutcome,
+    ) -> None:
+        """Mid-round evaluation of the model that exists now: the current back with the
+        average of the clients' current fronts (SplitFed: the active ones and those that
+        already finished this round; vanilla: the active client's)."""
+        fronts = [
+            RecordDict(
+                {
+                    "front": replies[p].content["front"],
+                    "metrics": MetricRecord({"num-examples": active[p].examples}),
+                }
+            )
+            for p in sorted(active)
+            if p in replies
+        ]
+        if self.cfg.sl_mode == "splitfed":
+            fronts += [outcome.finished[p].content for p in sorted(outcome.finished)]
+        if not fronts:
+            return
+        if self._probe_modules is None:
+            self._probe_modules = copy.deepcopy(self.client_modules)
+        average = aggregate_arrayrecords(fronts, "num-examples")
+        load_modules_state(self._probe_modules, record_to_state(average))
+        self._evaluate(server_round, self._probe_modules)
+
+    def _evaluate(
+        self, server_round: int, modules: dict[str, torch.nn.Module]
+    ) -> tuple[float, float]:
+        """Central, uncompressed evaluation of ``modules`` + the back; one eval row."""
+        acc, loss = evaluate(
+            modules,
+            self.server.back,
+            self.test_split,
+            self.spec,
+            self.cfg.eval_batch_size,
+            compressor=self.server.compressor,
+        )
+        if self.run_dir is not None:
+            self.run_dir.append_metrics(
+                {
+                    "kind": "eval",
+                    "round": server_round,
+                    "step": self.global_step,
+                    "test_accuracy": acc,
+                    "test_loss": loss,
+                    **self.ledger.total().as_dict(),
+                    "wall_time_s": self.elapsed(),
+                }
+            )
+        return acc, loss
+
+    def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> dict[str, float]:
+        """Central evaluation of the global front + back, then one progress line."""
+        acc, loss = self._evaluate(server_round, self.client_modules)
+        total = self.ledger.total()
+        train_loss = float(np.mean(outcome.losses)) if outcome.losses else math.nan
+        drops = outcome.drop_counts()
+        row = {
+            "round": server_round,
+            "test_accuracy": acc,
+            "test_loss": loss,
+            "train_loss": train_loss,
+            "mb_up": total.up / 1e6,
+            "mb_down": total.down / 1e6,
+            "mb_model_sync": total.bytes_model_sync / 1e6,
+            "compression_ratio": total.compression_ratio,
+            "sampled": len(outcome.sampled),
+            "clients": len(outcome.finished),
+            **{f"dropped_{reason}": n for reason, n in drops.items()},
+            "steps": self.global_step,
+            "wall_time_s": self.elapsed(),
+        }
+        self.history.append(row)
+        if self.run_dir is not None:
+            self.run_dir.flush()
+        dropped = ", ".join(f"{n} {reason}" for reason, n in drops.items() if n)
+        self.progress(
+            f"round {server_round:>3}/{self.cfg.num_server_rounds} | acc {acc:.4f} | "
+            f"test loss {loss:.4f} | train loss {train_loss:.4f} | "
+            f"up {row['mb_up']:.1f} MB | down {row['mb_down']:.1f} MB | "
+            f"sync {row['mb_model_sync']:.1f} MB | compression {row['compression_ratio']:.4f} | "
+            f"clients {row['clients']}/{row['sampled']}"
+            + (f" ({dropped})" if dropped else "")
+            + f" | {row['wall_time_s']:.1f} s"
+        )
+        return row
+
+    def _record_evaluate_fn(
+        self,
+        result: Result,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+        server_round: int,
+        arrays: ArrayRecord,
+    ) -> None:
+        metrics = evaluate_fn(server_round, arrays)
+        if metrics is not None:
+            merged = dict(result.evaluate_metrics_serverapp.get(server_round, {})) | dict(metrics)
+            result.evaluate_metrics_serverapp[server_round] = MetricRecord(merged)
+
+    def _record_step(self, server_round: int, loss: float) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.append_metrics(
+            {
+                "kind": "step",
+                "round": server_round,
+                "step": self.global_step,
+                "train_loss": loss,
+                **self.ledger.total().as_dict(),
+                "wall_time_s": self.elapsed(),
+            }
+        )
+
+    # ---- checkpoint support -------------------------------------------------------------
 
     def sampler_state(self) -> tuple:
         """State of the client sampler's RNG (for checkpoints)."""
@@ -444,70 +577,13 @@ class SplitLearningStrategy(Strategy):
         """Wall seconds of this run, earlier runs of a resumed run included."""
         return self.wall_offset + time.perf_counter() - self._wall_start
 
-    def _record_step(self, server_round: int, step: int, loss: float) -> None:
-        if self.run_dir is None:
-            return
-        total = self.ledger.total()
-        self.run_dir.append_metrics(
-            {
-                "kind": "step",
-                "round": server_round,
-                "step": step,
-                "train_loss": loss,
-                **total.as_dict(),
-                "wall_time_s": self.elapsed(),
-            }
-        )
 
-    def _evaluate_now(self, server_round: int, step: int | None) -> tuple[float, float]:
-        acc, loss = evaluate(
-            self.client_modules["front"],
-            self.server.back,
-            self.test_split,
-            self.spec,
-            self.cfg.eval_batch_size,
-            encoder=self.client_modules.get("encoder"),
-            decoder=self.server.compressor.server_module(),
-        )
-        if self.run_dir is not None:
-            self.run_dir.append_metrics(
-                {
-                    "kind": "eval",
-                    "round": server_round,
-                    "step": step,
-                    "test_accuracy": acc,
-                    "test_loss": loss,
-                    **self.ledger.total().as_dict(),
-                    "wall_time_s": self.elapsed(),
-                }
-            )
-        return acc, loss
-
-    def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> dict[str, float]:
-        """Central evaluation of the global front + back, then one progress line."""
-        acc, loss = self._evaluate_now(server_round, None)
-        total = self.ledger.total()
-        train_loss = float(np.mean(outcome.losses)) if outcome.losses else math.nan
-        row = {
-            "round": server_round,
-            "test_accuracy": acc,
-            "test_loss": loss,
-            "train_loss": train_loss,
-            "mb_up": total.up / 1e6,
-            "mb_down": total.down / 1e6,
-            "mb_model_sync": total.bytes_model_sync / 1e6,
-            "compression_ratio": total.compression_ratio,
-            "clients": len(outcome.finished),
-            "wall_time_s": self.elapsed(),
-        }
-        self.history.append(row)
-        if self.run_dir is not None:
-            self.run_dir.flush()
-        self.progress(
-            f"round {server_round:>3}/{self.cfg.num_server_rounds} | acc {acc:.4f} | "
-            f"test loss {loss:.4f} | train loss {train_loss:.4f} | "
-            f"up {row['mb_up']:.1f} MB | down {row['mb_down']:.1f} MB | "
-            f"sync {row['mb_model_sync']:.1f} MB | compression {row['compression_ratio']:.4f} | "
-            f"clients {row['clients']} | {row['wall_time_s']:.1f} s"
-        )
-        return row
+def _ranges(values: list[int]) -> str:
+    """``0-3, 7, 9-10`` for sorted ints: a short description of many partition ids."""
+    parts: list[str] = []
+    for value in values:
+        if parts and value == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{value}"
+        else:
+            parts.append(str(value))
+    return ", ".join(parts) or "none"

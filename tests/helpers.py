@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import Context, RecordDict
 
 from adc_flwr.config import RunConfig
+from adc_flwr.results import RunDir
 from clients import client_app as client_module
+from strategies import server_app
 from strategies.experiment import SplitLearningStrategy, build_strategy
 from strategies.inprocess_grid import InProcessGrid
 
@@ -49,12 +52,28 @@ def train_in_process(
     ``grid_kwargs`` go to :class:`InProcessGrid` (``silent_nodes``, ``before_call``).
     """
     grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), **grid_kwargs)
-    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=nodes, progress=lambda _: None)
+    strategy, arrays = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     if before_start is not None:
         before_start(strategy)
     strategy.settle_s = 0.0
-    strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds)
+    strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds, timeout=cfg.step_timeout)
     return strategy, grid
+
+
+def run_server_app(
+    cfg: RunConfig, nodes: int, **grid_kwargs: Any
+) -> tuple[dict[str, Any] | None, InProcessGrid]:
+    """Run the ServerApp exactly as Flower calls it (``app(grid, context)``) on an in-process
+    grid with random node ids; returns the run's ``summary.json`` and the grid.
+
+    Exceptions of the ServerApp propagate, as they do to Flower.
+    """
+    grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), **grid_kwargs)
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config()
+    )
+    server_app.app(grid=grid, context=context)
+    return RunDir(cfg.run_dir).read_summary(), grid
 
 
 def front_copy(strategy: SplitLearningStrategy) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adc_flwr.accounting import Traffic, TrafficLedger, round_sim_time, sim_time_s
+from adc_flwr.accounting import Traffic, TrafficLedger
 from adc_flwr.codec import (
     grads_to_record,
     packet_to_record,
@@ -58,24 +58,21 @@ def test_traffic_from_codec_records_matches_record_sizes() -> None:
 
 def _ledger() -> TrafficLedger:
     ledger = TrafficLedger()
-    # round 1: clients 7 and 9, two steps; model sync without a step
-    ledger.add(1, 7, Traffic(bytes_up_act=10, bytes_up_act_uncompressed=40), step=0)
-    ledger.add(1, 9, Traffic(bytes_up_act=20, bytes_up_act_uncompressed=40), step=0)
-    ledger.add(1, 7, Traffic(bytes_down_grad=5), step=1)
+    # round 1: clients 7 and 9; round 2: client 9
+    ledger.add(1, 7, Traffic(bytes_up_act=10, bytes_up_act_uncompressed=40))
+    ledger.add(1, 9, Traffic(bytes_up_act=20, bytes_up_act_uncompressed=40))
+    ledger.add(1, 7, Traffic(bytes_down_grad=5))
     ledger.add(1, 7, Traffic(bytes_model_sync=1000))
     # round 2: client 9 only
-    ledger.add(2, 9, Traffic(bytes_up_targets=3), step=0)
+    ledger.add(2, 9, Traffic(bytes_up_targets=3))
     return ledger
 
 
-def test_ledger_totals_per_round_client_step() -> None:
+def test_ledger_totals_per_round_and_client() -> None:
     ledger = _ledger()
     assert ledger.rounds() == [1, 2]
     assert ledger.clients() == [7, 9] and ledger.clients(2) == [9]
     assert ledger.client_round(1, 7) == Traffic(10, 0, 5, 1000, 40)
-    assert ledger.step_total(1, 0) == Traffic(bytes_up_act=30, bytes_up_act_uncompressed=80)
-    assert ledger.step_total(1, 1).bytes_down_grad == 5
-    assert ledger.step_total(1, 5) == Traffic()
     assert ledger.round_total(1) == Traffic(30, 0, 5, 1000, 80)
     assert ledger.client_total(9) == Traffic(20, 3, 0, 0, 40)
     assert ledger.total() == Traffic(30, 3, 5, 1000, 80)
@@ -94,53 +91,4 @@ def test_ledger_state_round_trip_survives_torch_weights_only(tmp_path) -> None:
     torch.save(ledger.state(), tmp_path / "s.pt")
     restored = TrafficLedger.from_state(torch.load(tmp_path / "s.pt", weights_only=True))
     assert restored.total() == ledger.total()
-    assert restored.step_total(1, 0) == ledger.step_total(1, 0)
     assert restored.client_round(2, 9) == ledger.client_round(2, 9)
-
-
-def test_sim_time_hand_computed() -> None:
-    # 2 s compute at factor 1.5; 1 MB up at 8 Mbit/s = 1 s; 0.5 MB down at 40 Mbit/s = 0.1 s;
-    # 3 messages × 50 ms
-    t = sim_time_s(
-        2.0,
-        1_000_000,
-        500_000,
-        compute_factor=1.5,
-        bandwidth_up_mbps=8.0,
-        bandwidth_down_mbps=40.0,
-        latency_s=0.05,
-        messages=3,
-    )
-    assert t == pytest.approx(3.0 + 1.0 + 0.1 + 0.15)
-
-
-def test_sim_time_directions_use_their_own_bandwidth() -> None:
-    kw = {"bandwidth_up_mbps": 1.0, "bandwidth_down_mbps": 100.0, "latency_s": 0.0}
-    assert sim_time_s(0.0, 125_000, 0, **kw) == pytest.approx(1.0)
-    assert sim_time_s(0.0, 0, 125_000, **kw) == pytest.approx(0.01)
-    inf = {"bandwidth_up_mbps": math.inf, "bandwidth_down_mbps": math.inf, "latency_s": 0.2}
-    assert sim_time_s(1.0, 10**9, 10**9, **inf) == pytest.approx(1.2)
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"bandwidth_up_mbps": 0.0},
-        {"bandwidth_down_mbps": -1.0},
-        {"latency_s": -0.1},
-        {"compute_factor": -2.0},
-    ],
-)
-def test_sim_time_rejects_bad_profiles(kwargs: dict) -> None:
-    base = {"bandwidth_up_mbps": 10.0, "bandwidth_down_mbps": 10.0, "latency_s": 0.0}
-    with pytest.raises(ValueError):
-        sim_time_s(1.0, 10, 10, **{**base, **kwargs})
-
-
-def test_round_sim_time_by_mode() -> None:
-    times = [1.5, 4.0, 2.5]
-    assert round_sim_time(times, "splitfed") == 4.0
-    assert round_sim_time(times, "vanilla") == pytest.approx(8.0)
-    assert round_sim_time([], "splitfed") == 0.0
-    with pytest.raises(ValueError, match="sl-mode"):
-        round_sim_time(times, "async")

@@ -162,7 +162,7 @@ def server_and_packets(tmp_path: Path, channel: str, method: str = "none"):
     """A built ServerWorker and a function producing identical fresh received packets."""
     set_task_identity()
     cfg = tiny_config(tmp_path, method=method, channel=channel, snr_db="0")
-    strategy, _ = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
+    strategy, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     server = strategy.server
     g = torch.Generator().manual_seed(0)
     h = torch.randn(8, 17, 64, generator=g)  # vit-cpu on digits: 17 tokens, d = 64
@@ -220,7 +220,7 @@ def test_server_downlink_noise_on_the_gradients(tmp_path: Path) -> None:
 def test_inprocess_run_with_awgn_completes(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, method="adc", compression=0.25, channel="awgn", snr_db="-10,10")
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, num_nodes=2, progress=lambda _: None)
+    summary = run_experiment(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed" and summary["rounds"] == 1
     assert math.isfinite(summary["test_accuracy"])
 
@@ -274,7 +274,6 @@ def test_resume_continues_the_noise_stream(tmp_path: Path, monkeypatch: pytest.M
     run_experiment(
         InProcessGrid(client_module.app, 1, whole.to_run_config()),
         whole,
-        num_nodes=1,
         progress=lambda _: None,
     )
     cfg = cfg_at(tmp_path / "b")
@@ -290,14 +289,12 @@ def test_resume_continues_the_noise_stream(tmp_path: Path, monkeypatch: pytest.M
         run_experiment(
             InProcessGrid(client_module.app, 1, cfg.to_run_config()),
             cfg,
-            num_nodes=1,
             progress=lambda _: None,
         )
     monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", real_evaluate)
     run_experiment(
         InProcessGrid(client_module.app, 1, cfg.to_run_config()),
         cfg,
-        num_nodes=1,
         progress=lambda _: None,
     )
     reference = RunDir(whole.run_dir).load_checkpoint()["back"]

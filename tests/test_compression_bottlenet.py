@@ -41,12 +41,12 @@ def _identity_(mlp: nn.Sequential) -> None:
 
 
 def _through_wire(comp: BottleNetCompressor, h: torch.Tensor, wire: str = "float32"):
-    """Client encoder + encode -> codec -> server decode + decoder. Returns (packet, h_rec)."""
+    """Encode (encoder inside) -> codec -> server decode (decoder inside). (packet, h_rec)."""
     labels = torch.zeros(h.shape[0], dtype=torch.long)
-    pkt = comp.encode(comp.client_module()(h), labels, torch.rand(h.shape[:2]))
+    pkt = comp.encode(h, labels, torch.rand(h.shape[:2]))
     received = record_to_packet(packet_to_record(pkt, wire))
     h_server, _ = comp.server_decode(received.tensors)
-    return pkt, comp.server_module()(h_server)
+    return pkt, h_server
 
 
 # ---- width, bytes, architecture ------------------------------------------------------------
@@ -112,10 +112,13 @@ def test_identity_full_width_two_layers_round_trip_on_nonnegative_input() -> Non
     torch.testing.assert_close(h_rec, h, rtol=0, atol=1e-6)
 
 
-def test_encode_rejects_an_unencoded_activation() -> None:
+def test_encode_rejects_an_activation_of_another_width() -> None:
+    """Encode takes the front's output (B, n, d); an already encoded (B, n, w) is refused."""
     comp = BottleNetCompressor(C, 16, compression=0.25)
-    with pytest.raises(ValueError, match="client_module"):
-        comp.encode(torch.randn(2, 3, 16), torch.zeros(2, dtype=torch.long), torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"bottlenet: .*d=16"):
+        comp.encode(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long), torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"bottlenet: .*d=16"):
+        comp.eval_forward(torch.randn(2, 3, 4))
 
 
 # ---- seeding and config -------------------------------------------------------------------
@@ -158,7 +161,7 @@ def _cfg(tmp_path: Path, **overrides: object) -> RunConfig:
 
 def _workers(cfg: RunConfig):
     set_task_identity()
-    strategy, _ = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
+    strategy, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     setup = client_setup(cfg, 0, 1)
     worker = setup.worker(modules_state(strategy.client_modules), optimizer_state=None)
     return strategy.server, worker, setup
@@ -166,7 +169,7 @@ def _workers(cfg: RunConfig):
 
 def _protocol_step(server, worker, idx: np.ndarray, seed: int, wire: str):
     """Client forward -> codec -> server step -> codec -> client recompute and step."""
-    packet, _ = worker.forward_packet(idx, seed)
+    packet = worker.forward_packet(idx, seed)
     record = packet_to_record(packet, wire)
     loss, grads = server.step([record_to_packet(record)])
     worker.apply_grads(idx, seed, packet.plan, record_to_grads(grads_to_record(grads[0], wire)))
@@ -194,7 +197,7 @@ def test_gradients_reach_the_client_and_every_learned_part_moves(tmp_path: Path)
 def test_recompute_is_bit_exact(tmp_path: Path) -> None:
     _, worker, setup = _workers(_cfg(tmp_path))
     idx = setup.batch_indices(0)
-    first, _ = worker.forward_packet(idx, seed=1)
+    first = worker.forward_packet(idx, seed=1)
     again = worker._encode(idx, seed=2, plan=first.plan)
     assert first.plan == {} and torch.equal(first.tensors["act"], again.tensors["act"].detach())
 
@@ -216,9 +219,9 @@ def test_training_run_lowers_the_loss(tmp_path: Path) -> None:
         classes_per_client=1,
         fraction_train=0.25,
     )
-    initial, _ = build_strategy(cfg, run_dir=None, num_nodes=4, progress=lambda _: None)
+    initial, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     grid = InProcessGrid(client_module.app, 4, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, num_nodes=4, progress=lambda _: None)
+    summary = run_experiment(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed"
     losses = RunDir(cfg.run_dir).read_metrics().query("kind == 'step'")["train_loss"].to_numpy()
     assert len(losses) == 8 and np.mean(losses[-3:]) < losses[0] - 0.3

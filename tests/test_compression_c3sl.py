@@ -157,7 +157,9 @@ def test_short_batch_is_padded_and_the_server_drops_the_padding() -> None:
     assert int(pkt.tensors["valid"]) == 10 and pkt.targets.shape == (10,)
     # the padded group equals binding the two real members alone
     alone = C3SLCompressor(C, r=4, seed=2).encode(
-        torch.cat([h[8:], torch.zeros(2, 5, 8, dtype=h.dtype)]), torch.zeros(4), attn[:4]
+        torch.cat([h[8:], torch.zeros(2, 5, 8, dtype=h.dtype)]),
+        torch.zeros(4, dtype=torch.long),
+        attn[:4],
     )
     torch.testing.assert_close(pkt.tensors["act"][2:], alone.tensors["act"])
 
@@ -238,7 +240,7 @@ def test_grid_training_lowers_the_loss_and_counts_bytes(tmp_path: Path) -> None:
         classes_per_client=2,
     )
     grid = InProcessGrid(client_module.app, 1, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, num_nodes=1, progress=lambda _: None)
+    summary = run_experiment(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed"
     losses = RunDir(cfg.run_dir).read_metrics().query("kind == 'step'")["train_loss"].to_numpy()
     assert len(losses) == 12

@@ -241,7 +241,7 @@ def test_one_protocol_step_updates_the_client_front(tmp_path: Path) -> None:
     """Client forward -> codec -> server step -> codec -> client recompute with the plan."""
     set_task_identity()
     cfg = _cfg(tmp_path, pq_lambda=0.01)
-    strategy, _ = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
+    strategy, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     server: ServerWorker = strategy.server
     setup = client_setup(cfg, 0, 1)
     state = {
@@ -249,7 +249,7 @@ def test_one_protocol_step_updates_the_client_front(tmp_path: Path) -> None:
     }
     worker = setup.worker(state, optimizer_state=None)
     idx = setup.batch_indices(0)
-    packet, _ = worker.forward_packet(idx, seed=11)
+    packet = worker.forward_packet(idx, seed=11)
     record = packet_to_record(packet, cfg.wire_dtype)
     _, grads = server.step([record_to_packet(record)])
     b, n, d = len(idx), worker.front.num_tokens, worker.front.hidden_size
@@ -271,13 +271,13 @@ def test_repeated_batch_loss_falls(tmp_path: Path) -> None:
     """Eight protocol steps on one batch: the model fits it through the quantiser."""
     set_task_identity()
     cfg = _cfg(tmp_path, batch_size=32, pq_lambda=0.01)
-    strategy, _ = build_strategy(cfg, run_dir=None, num_nodes=1, progress=lambda _: None)
+    strategy, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     setup = client_setup(cfg, 0, 1)
     worker = setup.worker(modules_state(strategy.client_modules), optimizer_state=None)
     idx = setup.batch_indices(0)
     losses = []
     for seed in range(8):
-        packet, _ = worker.forward_packet(idx, seed)
+        packet = worker.forward_packet(idx, seed)
         loss, grads = strategy.server.step([record_to_packet(packet_to_record(packet, "float32"))])
         worker.apply_grads(
             idx, seed, packet.plan, record_to_grads(grads_to_record(grads[0], "float32"))
@@ -297,7 +297,7 @@ def test_training_run_lowers_the_loss(tmp_path: Path) -> None:
         fraction_train=0.25,
     )
     grid = InProcessGrid(client_module.app, 4, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, num_nodes=4, progress=lambda _: None)
+    summary = run_experiment(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed"
     losses = RunDir(cfg.run_dir).read_metrics().query("kind == 'step'")["train_loss"].to_numpy()
     assert len(losses) == 8 and np.mean(losses[-3:]) < losses[0] - 0.3

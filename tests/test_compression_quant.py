@@ -235,7 +235,7 @@ def test_grid_training_lowers_the_loss_and_counts_bytes(tmp_path: Path) -> None:
         classes_per_client=2,
     )
     grid = InProcessGrid(client_module.app, 1, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, num_nodes=1, progress=lambda _: None)
+    summary = run_experiment(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed"
     losses = RunDir(cfg.run_dir).read_metrics().query("kind == 'step'")["train_loss"].to_numpy()
     assert len(losses) == 12

@@ -1,4 +1,4 @@
-"""Data sources, partitioners, model input and batch cursors (adc_flwr/data.py)."""
+"""Data sources, partitioners, model input and batch cursors (adc_flwr/data/)."""
 
 from __future__ import annotations
 

@@ -9,11 +9,17 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def flwr_run(tmp_path: Path, run_name: str, run_config: str) -> subprocess.CompletedProcess:
+def flwr_run(
+    tmp_path: Path,
+    run_name: str,
+    run_config: str,
+    federation: str = "num-supernodes=2 client-resources-num-cpus=1",
+) -> subprocess.CompletedProcess:
     env = os.environ | {
         "OUT_DIR": str(tmp_path / "out"),
         "RUN_NAME": run_name,
@@ -21,7 +27,7 @@ def flwr_run(tmp_path: Path, run_name: str, run_config: str) -> subprocess.Compl
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     return subprocess.run(
-        ["bash", "scripts/flwr_run.sh", run_config, "num-supernodes=2 client-resources-num-cpus=1"],
+        ["bash", "scripts/flwr_run.sh", run_config, federation],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -58,3 +64,25 @@ def test_flwr_run_failure_exits_nonzero(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "did not complete" in done.stderr
     assert not superlink_alive(tmp_path / "flwr-home")
+
+
+TINY = "dataset='digits' batch-size=16 eval-samples=100 method='none' num-server-rounds=1"
+
+
+@pytest.mark.parametrize(
+    ("mode", "nodes", "fraction", "trained"), [("splitfed", 20, 0.25, 5), ("vanilla", 3, 1.0, 3)]
+)
+def test_flwr_run_trains_every_sampled_client(
+    tmp_path: Path, mode: str, nodes: int, fraction: float, trained: int
+) -> None:
+    """Under Ray's random node ids each sampled partition trains (none is lost to a cursor
+    indexed by partition id)."""
+    config = f"{TINY} local-steps=2 sl-mode='{mode}' fraction-train={fraction}"
+    done = flwr_run(tmp_path, mode, config, f"num-supernodes={nodes} client-resources-num-cpus=1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / mode / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    (row,) = summary["history"]
+    assert (row["sampled"], row["clients"]) == (trained, trained)
+    assert summary["drops"] == {"error": 0, "timeout": 0}
+    assert f"clients {trained}/{trained}" in done.stdout

@@ -58,20 +58,20 @@ def test_json_writes_numpy_torch_and_nan_as_plain_values(tmp_path: Path) -> None
 
 def test_metrics_append_across_restart_keeps_one_header(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
-    run.append_metrics({"kind": "step", "round": 1, "step": 0, "client": 3, "train_loss": 2.5})
+    run.append_metrics({"kind": "step", "round": 1, "step": 0, "train_loss": 2.5})
     run.append_metrics(
         {"kind": "eval", "round": 1, "test_accuracy": 0.4, "compression_ratio": math.nan}
     )
     # simulated restart: a new process opens the same directory, the old one never closed
     again = RunDir(tmp_path / "run")
-    again.append_metrics({"kind": "round", "round": 2, "bytes_up_act": 1234})
+    again.append_metrics({"kind": "eval", "round": 2, "bytes_up_act": 1234})
     again.flush()
     lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert lines[0] == ",".join(METRIC_COLUMNS)
     assert sum(line.startswith("kind,") for line in lines) == 1
     df = again.read_metrics()
     assert list(df.columns) == list(METRIC_COLUMNS)
-    assert df["kind"].tolist() == ["step", "eval", "round"]
+    assert df["kind"].tolist() == ["step", "eval", "eval"]
     assert df.loc[0, "train_loss"] == 2.5 and df.loc[2, "bytes_up_act"] == 1234
     assert math.isnan(df.loc[1, "compression_ratio"])  # NaN written as a blank cell
     assert lines[2].split(",")[METRIC_COLUMNS.index("compression_ratio")] == ""
@@ -108,7 +108,7 @@ def test_truncate_metrics_after_round(tmp_path: Path) -> None:
     run.append_metrics({"kind": "eval", "round": 0, "test_accuracy": 0.1})
     for r in (1, 2, 3):
         run.append_metrics({"kind": "step", "round": r, "step": 0, "train_loss": float(r)})
-        run.append_metrics({"kind": "round", "round": r})
+        run.append_metrics({"kind": "eval", "round": r})
     assert run.truncate_metrics_after(1) == 4
     run.append_metrics({"kind": "step", "round": 2, "step": 0, "train_loss": 9.0})  # redone
     df = run.read_metrics()

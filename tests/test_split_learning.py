@@ -28,12 +28,13 @@ from helpers import tiny_config, train_in_process
 from strategies import experiment
 from strategies.experiment import build_strategy, run_experiment
 from strategies.inprocess_grid import InProcessGrid, set_task_identity
+from strategies.outcomes import RoundFailed
 
 
 def run(cfg: RunConfig, nodes: int, **grid_kwargs: object) -> tuple[dict, InProcessGrid]:
     grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), **grid_kwargs)
     lines: list[str] = []
-    summary = run_experiment(grid, cfg, num_nodes=nodes, progress=lines.append)
+    summary = run_experiment(grid, cfg, progress=lines.append)
     return summary, grid
 
 
@@ -75,7 +76,7 @@ def test_adc_recompute_is_bit_exact(tmp_path: Path) -> None:
         {f"front.{k}": v for k, v in front.state_dict().items()}, optimizer_state=None
     )
     idx = setup.batch_indices(0)
-    first, _ = worker.forward_packet(idx, seed=7)
+    first = worker.forward_packet(idx, seed=7)
     again = worker._encode(idx, seed=123, plan=first.plan)  # another seed: the plan must rule
     assert first.plan["assign"].shape == (len(idx),)
     for name, tensor in first.tensors.items():
@@ -96,7 +97,7 @@ def test_state_survives_messages_and_rounds(tmp_path: Path) -> None:
 
 def test_fedavg_of_fronts_matches_hand_computation(tmp_path: Path) -> None:
     set_task_identity()
-    strategy, _ = build_strategy(tiny_config(tmp_path), run_dir=None, num_nodes=1)
+    strategy, _ = build_strategy(tiny_config(tmp_path), run_dir=None)
     w1, w2 = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)
     replies = []
     for w, n in ((w1, 10), (w2, 30)):
@@ -124,8 +125,8 @@ def test_run_writes_run_directory_and_counts_bytes(tmp_path: Path) -> None:
     assert (metrics["kind"] == "step").sum() == 2 * cfg.local_steps
     assert (metrics["kind"] == "eval").sum() == 2
     assert metrics["bytes_up_act"].dropna().is_monotonic_increasing
-    # 2 nodes × (start + 3 steps) × 2 rounds, and nothing else
-    assert grid.messages_sent == 2 * (1 + cfg.local_steps) * 2
+    # 2 nodes asked which partition they hold, then (start + 3 steps) × 2 rounds each
+    assert grid.messages_sent == 2 + 2 * (1 + cfg.local_steps) * 2
 
 
 def test_vanilla_relays_front_through_clients(tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_vanilla_relays_front_through_clients(tmp_path: Path) -> None:
     # each client trained after the other: the server back took 2 × local-steps steps
     assert len(strategy.history) == 1 and strategy.history[0]["clients"] == 2
     assert strategy.global_step == 2 * cfg.local_steps
-    assert grid.messages_sent == 2 * (1 + cfg.local_steps)
+    assert grid.messages_sent == 2 + 2 * (1 + cfg.local_steps)
 
 
 def test_failing_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
@@ -147,6 +148,8 @@ def test_failing_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
     summary, _ = run(cfg, nodes=3, before_call=fail_partition_1)
     assert summary["status"] == "completed"
     assert [h["clients"] for h in summary["history"]] == [2, 2]
+    assert [h["sampled"] for h in summary["history"]] == [3, 3]
+    assert summary["drops"] == {"error": 2, "timeout": 0}
 
 
 def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> None:
@@ -154,19 +157,53 @@ def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> No
     summary, grid = run(cfg, nodes=2, silent_nodes={0})
     assert summary["status"] == "completed"
     assert [h["clients"] for h in summary["history"]] == [1, 1]
-    # node 0 got its first start message only: never a second one while unanswered
-    assert grid.messages_sent == (1 + (1 + cfg.local_steps)) + (1 + cfg.local_steps)
+    # round 2 does not sample partition 0: its node still owes the reply to round 1's start
+    assert [h["sampled"] for h in summary["history"]] == [2, 1]
+    assert summary["drops"] == {"error": 0, "timeout": 1}
+    # 2 info queries; partition 0 got its first start message only
+    assert grid.messages_sent == 2 + (1 + (1 + cfg.local_steps)) + (1 + cfg.local_steps)
 
 
-def test_no_client_left_ends_cleanly(tmp_path: Path) -> None:
+def test_run_where_every_client_fails_is_failed_with_the_error_once(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, num_server_rounds=3)
 
     def fail_all(pid: int, msg: Message) -> None:
-        raise RuntimeError("down")
+        if msg.metadata.message_type.startswith("train"):
+            raise RuntimeError("disk full")
 
-    summary, _ = run(cfg, nodes=2, before_call=fail_all)
-    assert summary["status"] == "completed" and summary["stop_reason"] == "no-clients-left"
-    assert summary["rounds"] == 1
+    with pytest.raises(RoundFailed) as raised:
+        run(cfg, nodes=4, before_call=fail_all)
+    message = str(raised.value)
+    assert "0 of 4 sampled client(s) finished" in message
+    assert message.count("disk full") == 1  # one error, told once, with the partitions
+    assert "partitions 0, 1, 2, 3" in message
+    summary = RunDir(cfg.run_dir).read_summary()
+    assert summary["status"] == "failed" and "disk full" in summary["error"]
+    assert summary["rounds"] == 1 and summary["drops"] == {"error": 4, "timeout": 0}
+    assert RunDir(cfg.run_dir).load_checkpoint() is None  # a failed round is not checkpointed
+
+
+def test_every_client_timing_out_fails_the_run(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, step_timeout=0.001)
+    with pytest.raises(RoundFailed, match="timeout on 2 client"):
+        run(cfg, nodes=2, silent_nodes={0, 1})
+    assert RunDir(cfg.run_dir).read_summary()["status"] == "failed"
+
+
+def test_min_clients_fails_a_round_with_one_raising_client(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, min_clients=2, num_server_rounds=2)
+
+    def fail_partition_0(pid: int, msg: Message) -> None:
+        if pid == 0 and msg.metadata.message_type == "train.step":
+            raise ValueError("bad batch")
+
+    with pytest.raises(RoundFailed) as raised:
+        run(cfg, nodes=2, before_call=fail_partition_0)
+    assert "1 of 2 sampled client(s) finished, fewer than min-clients=2" in str(raised.value)
+    assert "error on 1 client(s) (partition 0): ValueError: bad batch" in str(raised.value)
+    summary = RunDir(cfg.run_dir).read_summary()
+    assert summary["status"] == "failed" and summary["drops"]["error"] == 1
+    assert summary["history"][0]["clients"] == 1
 
 
 def test_nan_loss_stops_with_message_and_keeps_metrics(
@@ -225,7 +262,7 @@ def test_crash_then_resume_equals_uninterrupted_run(
 
     lines: list[str] = []
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, num_nodes=2, progress=lines.append)
+    summary = run_experiment(grid, cfg, progress=lines.append)
     assert any("resuming" in line for line in lines)
     assert summary["status"] == "completed" and summary["rounds"] == 3
     metrics = RunDir(cfg.run_dir).read_metrics()
@@ -237,7 +274,7 @@ def test_crash_then_resume_equals_uninterrupted_run(
         assert torch.equal(state["back"][name], value), name  # bit for bit
 
     # a finished run is not redone
-    again = run_experiment(grid, cfg, num_nodes=2, progress=lines.append)
+    again = run_experiment(grid, cfg, progress=lines.append)
     assert again["rounds"] == 3 and "already finished" in lines[-1]
 
 
@@ -250,7 +287,7 @@ def test_configure_train_builds_the_start_messages_the_client_app_runs(tmp_path:
     """Flower's configure_train hook yields the same train.start the loop sends."""
     cfg = tiny_config(tmp_path)
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
-    strategy, arrays = build_strategy(cfg, run_dir=None, num_nodes=2, progress=lambda _: None)
+    strategy, arrays = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     strategy.settle_s = 0.0
     messages = list(strategy.configure_train(1, arrays, ConfigRecord({"note": "x"}), grid))
     assert len(messages) == 2

@@ -53,10 +53,17 @@ class Packet:
         return {k: t for k, t in self.tensors.items() if t.is_floating_point() and t.requires_grad}
 
 
+_INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
 class Compressor(ABC):
     """Base class: encode on the client (training only), decode on the server.
 
-    Subclasses set ``name`` and register themselves with
+    Callers use only the public template methods (:meth:`encode`, :meth:`decode`,
+    :meth:`server_decode`, :meth:`eval_forward`); these check the batch once and run the
+    method's learned parts (``client_module()`` before :meth:`_encode`, ``server_module()``
+    after :meth:`_decode`), so no caller special-cases a method. Subclasses implement the
+    hooks :meth:`_encode` and :meth:`_decode`, set ``name`` and register themselves with
     :func:`adc_flwr.compression.registry.register`.
     """
 
@@ -76,7 +83,8 @@ class Compressor(ABC):
         """
         return cls(num_classes)
 
-    @abstractmethod
+    # ---- client ---------------------------------------------------------------------
+
     def encode(
         self,
         h: torch.Tensor,
@@ -86,26 +94,80 @@ class Compressor(ABC):
         *,
         seed: int = 0,
     ) -> Packet:
-        """Compress a batch.
+        """Compress a batch: check its shapes, run the learned client part, then :meth:`_encode`.
 
         Args:
-            h: ``(B, n, d)`` front output (CLS token first).
-            labels: ``(B,)`` int64 class labels.
+            h: ``(B, n, d)`` floating front output (CLS token first).
+            labels: ``(B,)`` integer class labels.
             cls_attn: ``(B, n)`` CLS-attention row of the last client block (detached).
             plan: a previous packet's ``plan``; when given, reproduce that packet exactly
                 (same clusters, indices, masks) instead of deciding anew.
             seed: seeds any randomness of this encoding (K-means init, random masks);
                 the caller varies it per step. Ignored when ``plan`` is given.
+
+        Raises ValueError naming the method when a shape or dtype is off.
         """
+        self._check_batch(h, labels, cls_attn)
+        return self._encode(self._client_part(h), labels, cls_attn, plan, seed=seed)
+
+    def _check_batch(self, h: torch.Tensor, labels: torch.Tensor, cls_attn: torch.Tensor) -> None:
+        """The checks every method needs, in one place so their messages agree."""
+        if h.dim() != 3 or not h.is_floating_point():
+            raise ValueError(
+                f"{self.name}: expected a floating h of shape (B, n, d), got "
+                f"{tuple(h.shape)} {h.dtype}"
+            )
+        b, n, _ = h.shape
+        if labels.shape != (b,) or labels.dtype not in _INTEGER_DTYPES:
+            raise ValueError(
+                f"{self.name}: expected integer labels (B,)=({b},), got "
+                f"{tuple(labels.shape)} {labels.dtype}"
+            )
+        if cls_attn.shape != (b, n):
+            raise ValueError(
+                f"{self.name}: expected cls_attn (B, n)=({b}, {n}), got {tuple(cls_attn.shape)}"
+            )
 
     @abstractmethod
+    def _encode(
+        self,
+        h: torch.Tensor,
+        labels: torch.Tensor,
+        cls_attn: torch.Tensor,
+        plan: dict[str, torch.Tensor] | None,
+        *,
+        seed: int,
+    ) -> Packet:
+        """The method's encoding of a checked batch, as :meth:`encode` documents.
+
+        ``h`` has been through the learned client part, if any (then ``(B, n, w)``).
+        """
+
+    # ---- server ---------------------------------------------------------------------
+
     def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Server side: received tensors -> ``(B', k, d)`` activation for the server back."""
+        return self._server_part(self._decode(tensors))
+
+    @abstractmethod
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Received (wire-format) tensors -> the activation before the learned server part."""
 
     def server_decode(
         self, tensors: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Server side, training: the activation and the leaves whose gradients go back.
+        """Server side, training: the back's input and the leaves whose gradients go back.
+
+        The leaves come from :meth:`_decode_with_leaves`; the learned server part, if any,
+        runs after them, so its gradient reaches them (and it trains with the back).
+        """
+        h, leaves = self._decode_with_leaves(tensors)
+        return self._server_part(h), leaves
+
+    def _decode_with_leaves(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`_decode` and the leaves whose gradients go back.
 
         Default: the received floating tensors (leaves with ``requires_grad``) are the leaves,
         so gradients travel at the packet's shape. Methods whose wire tensors are not
@@ -113,15 +175,48 @@ class Compressor(ABC):
         named like the client's ``Packet.anchors``.
         """
         leaves = {k: t for k, t in tensors.items() if t.is_floating_point() and t.requires_grad}
-        return self.decode(tensors), leaves
+        return self._decode(tensors), leaves
+
+    # ---- evaluation -----------------------------------------------------------------
+
+    def eval_forward(self, h: torch.Tensor, client_part: nn.Module | None = None) -> torch.Tensor:
+        """What the front's output ``(B, n, d)`` passes through at evaluation, uncompressed.
+
+        The learned parts belong to the model the back was trained on, so they stay in the
+        path (BottleNet++: decoder(encoder(h))); lossy steps do not. Identity (``h`` itself)
+        for methods without learned parts. ``client_part``: a copy of ``client_module()``
+        holding the weights to evaluate (e.g. an average being probed) instead of its own.
+        """
+        return self._server_part(self._client_part(h, client_part))
+
+    # ---- learned parts --------------------------------------------------------------
 
     def client_module(self) -> nn.Module | None:
-        """Learned client-side part (a bottleneck encoder): trains and averages with the front."""
+        """Learned client-side part (a bottleneck encoder): trains and averages with the front.
+
+        For optimizers, weight sync and checkpoints; :meth:`encode` applies it.
+        """
         return None
 
     def server_module(self) -> nn.Module | None:
-        """Learned server-side twin (e.g. the decoder); trained with the server back."""
+        """Learned server-side twin (e.g. the decoder); trained with the server back.
+
+        For the server optimizer and checkpoints; the decode methods apply it.
+        """
         return None
+
+    def _client_part(self, h: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """``module`` (default: ``client_module()``) applied to ``h``; ``h`` itself when there
+        is none."""
+        module = self.client_module() if module is None else module
+        return h if module is None else module(h)
+
+    def _server_part(self, h: torch.Tensor) -> torch.Tensor:
+        """``server_module()`` applied to ``h``, or ``h`` itself when there is none."""
+        module = self.server_module()
+        return h if module is None else module(h)
+
+    # ---- gradients ------------------------------------------------------------------
 
     def compress_grads(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Server side: gradients to send back (default: as computed, at the packet's shape)."""

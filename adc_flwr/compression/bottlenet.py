@@ -10,9 +10,10 @@ ReLU between consecutive Linears. Unlike the public code, neither side ends in a
 decoder's output replaces a residual stream that takes negative values, and a full-width
 single-layer pair can then represent the identity exactly.
 
-Where the modules run (adc_flwr/training.py): ``ClientWorker`` applies ``client_module()`` to
-``h`` before :meth:`BottleNetCompressor.encode`, ``ServerWorker`` applies ``server_module()``
-after :meth:`BottleNetCompressor.decode`; encode/decode themselves only wrap the tensor.
+Where the modules run: the base class's ``encode`` applies the encoder (``client_module()``)
+to the front's output before the ``_encode`` hook, which only wraps the code; ``decode`` and
+``server_decode`` apply the decoder (``server_module()``) to the received code, and
+``eval_forward`` is decoder(encoder(h)). No caller applies either module itself.
 """
 
 from __future__ import annotations
@@ -136,33 +137,32 @@ class BottleNetCompressor(Compressor):
 
     # ---- client ---------------------------------------------------------------------
 
-    def encode(
+    def _client_part(self, h: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """The encoder, ``(B, n, d) -> (B, n, w)``, once ``h`` is known to be d wide."""
+        if h.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"bottlenet: expected the front's output (B, n, d={self.hidden_size}), got "
+                f"{tuple(h.shape)}"
+            )
+        return super()._client_part(h, module)
+
+    def _encode(
         self,
         h: torch.Tensor,
         labels: torch.Tensor,
         cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None = None,
+        plan: dict[str, torch.Tensor] | None,
         *,
-        seed: int = 0,
+        seed: int,
     ) -> Packet:
         """Wrap the encoder's output ``h`` (B, n, w) with hard labels; nothing to plan.
 
-        ``h`` is already encoded (the caller applies :meth:`client_module` first), so its
-        gradient flows through the encoder into the front.
+        Its gradient flows back through the encoder into the front.
         """
-        if h.dim() != 3 or h.shape[-1] != self.width:
-            raise ValueError(
-                f"bottlenet: expected the encoder's output (B, n, w={self.width}), got "
-                f"{tuple(h.shape)}; apply client_module() to the front's output first"
-            )
-        if labels.shape != h.shape[:1]:
-            raise ValueError(
-                f"bottlenet: expected labels (B,)=({h.shape[0]},), got {tuple(labels.shape)}"
-            )
         return Packet(tensors={"act": h}, targets=labels.long(), soft_targets=False)
 
     # ---- server ---------------------------------------------------------------------
 
-    def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The received code ``(B, n, w)``; the caller applies :meth:`server_module` to it."""
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The received code ``(B, n, w)``; the base class then applies the decoder."""
         return tensors["act"]

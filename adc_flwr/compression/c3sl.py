@@ -20,7 +20,7 @@ approximately a delta: even ``R = 1`` then has about 100% relative error.
 Wire: the bound groups ``(G, n, d)``, i.e. the ``(G, D)`` vectors viewed with the sample
 shape so the server can reshape without side information (same bytes; the ``.npy`` header
 only spells one more dimension). Ratio ``1/R``; the gradient travels back at ``(G, n, d)``
-through the default ``server_decode`` leaves, and autograd through the FFTs routes it to
+through the default ``_decode_with_leaves`` leaves, and autograd through the FFTs routes it to
 every member.
 
 Short batches: the last batch of an epoch may hold ``B % R != 0`` samples. It is padded with
@@ -128,26 +128,20 @@ class C3SLCompressor(Compressor):
 
     # ---- client ---------------------------------------------------------------------
 
-    def encode(
+    def _encode(
         self,
         h: torch.Tensor,
         labels: torch.Tensor,
         cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None = None,
+        plan: dict[str, torch.Tensor] | None,
         *,
-        seed: int = 0,
+        seed: int,
     ) -> Packet:
         """Bind and sum groups of ``R`` samples: ``h`` (B, n, d) -> ``act`` (ceil(B/R), n, d).
 
         Deterministic given the batch, so the plan is empty and ``seed`` unused.
         """
-        if h.dim() != 3:
-            raise ValueError(f"C3-SL: expected h of shape (B, n, d), got {tuple(h.shape)}")
         b, n, d = h.shape
-        if labels.shape != (b,):
-            raise ValueError(f"C3-SL: expected labels (B,)=({b},), got {tuple(labels.shape)}")
-        if not h.is_floating_point():
-            raise ValueError(f"C3-SL: h must be floating, got {h.dtype}")
         r, dim = self.r, n * d
         groups = -(-b // r)  # ceil(B/R)
         # FFTs need float32/64: half-precision fronts are bound in float32
@@ -164,7 +158,7 @@ class C3SLCompressor(Compressor):
 
     # ---- server ---------------------------------------------------------------------
 
-    def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unbind every member by circular correlation: ``act`` (G, n, d) -> (B, n, d)."""
         bound = tensors["act"]
         if bound.dtype not in (torch.float32, torch.float64):

@@ -14,23 +14,18 @@ class NoCompression(Compressor):
 
     name = "none"
 
-    def encode(
+    def _encode(
         self,
         h: torch.Tensor,
         labels: torch.Tensor,
         cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None = None,
+        plan: dict[str, torch.Tensor] | None,
         *,
-        seed: int = 0,
+        seed: int,
     ) -> Packet:
         """Wrap ``h`` (B, n, d) and ``labels`` (B,) in a Packet; ``cls_attn`` is unused."""
-        if h.dim() != 3 or labels.shape != h.shape[:1]:
-            raise ValueError(
-                f"expected h (B, n, d) and labels (B,), got {tuple(h.shape)} and "
-                f"{tuple(labels.shape)}"
-            )
         return Packet(tensors={"act": h}, targets=labels.long(), soft_targets=False)
 
-    def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The received activation, ``(B, n, d)``."""
         return tensors["act"]

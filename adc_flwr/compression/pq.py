@@ -282,25 +282,21 @@ class ProductQuantizer(Compressor):
 
     # ---- client ---------------------------------------------------------------------
 
-    def encode(
+    def _encode(
         self,
         h: torch.Tensor,
         labels: torch.Tensor,
         cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None = None,
+        plan: dict[str, torch.Tensor] | None,
         *,
-        seed: int = 0,
+        seed: int,
     ) -> Packet:
         """Codebooks ``(q, L, s)`` and codes ``(B, n, q)`` up; anchor ``act`` = ``h_q``.
 
         With ``plan`` the stored codes are reused (no K-means) and only the codebooks are
         recomputed from ``h``.
         """
-        if h.dim() != 3:
-            raise ValueError(f"pq: expected h of shape (B, n, d), got {tuple(h.shape)}")
         b, n, d = h.shape
-        if labels.shape != (b,):
-            raise ValueError(f"pq: expected labels (B,)=({b},), got {tuple(labels.shape)}")
         q, n_c = self.levels(b, n, d)
         s = d // q
         sub = h.detach().reshape(b * n, q, s).transpose(0, 1).contiguous()  # (q, B·n, s)
@@ -334,14 +330,14 @@ class ProductQuantizer(Compressor):
 
     # ---- server ---------------------------------------------------------------------
 
-    def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reconstruction ``h_q`` (B, n, d) from the codebooks and codes (no gradient)."""
         return reconstruct(tensors[CODEBOOK].detach(), tensors[CODES].long())
 
-    def server_decode(
+    def _decode_with_leaves(
         self, tensors: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``h_q`` as a fresh leaf, named like the client's anchor: its dense gradient goes
         back (FedLite sends the gradient w.r.t. the quantised activation)."""
-        h_q = self.decode(tensors).requires_grad_(True)  # (B, n, d) leaf
+        h_q = self._decode(tensors).requires_grad_(True)  # (B, n, d) leaf
         return h_q, {ANCHOR: h_q}

@@ -17,7 +17,7 @@ codes are computed, so the server dequantises exactly what the client meant. The
 ``d`` travels too.
 
 The codes carry no gradient: the server decodes them to a fresh leaf ``act`` (the
-``server_decode`` override), and the client's anchor ``act`` is the straight-through
+``_decode_with_leaves`` override), and the client's anchor ``act`` is the straight-through
 ``deq + (h - h.detach())`` (value exactly ``deq``), so the returned gradient reaches ``h``
 unchanged. Gradients go back quantised the same way (``compress_grads``/``decompress_grads``).
 
@@ -193,25 +193,19 @@ class QuantCompressor(Compressor):
 
     # ---- client ---------------------------------------------------------------------
 
-    def encode(
+    def _encode(
         self,
         h: torch.Tensor,
         labels: torch.Tensor,
         cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None = None,
+        plan: dict[str, torch.Tensor] | None,
         *,
-        seed: int = 0,
+        seed: int,
     ) -> Packet:
         """Codes + scales on the wire; anchor ``act`` = straight-through dequantised ``h``.
 
         Deterministic rounding: the plan is empty and ``seed`` unused.
         """
-        if h.dim() != 3:
-            raise ValueError(f"quant: expected h of shape (B, n, d), got {tuple(h.shape)}")
-        if labels.shape != h.shape[:1]:
-            raise ValueError(
-                f"quant: expected labels (B,)=({h.shape[0]},), got {tuple(labels.shape)}"
-            )
         wire, deq = self._to_wire(h)
         anchor = deq.to(h.dtype) + (h - h.detach())  # value exactly deq, gradient identity
         return Packet(
@@ -222,22 +216,22 @@ class QuantCompressor(Compressor):
         self, grads: dict[str, torch.Tensor], packet: Packet
     ) -> dict[str, torch.Tensor]:
         """Quantised gradient from the server -> float ``act`` gradient (B, n, d)."""
-        return {"act": self.decode(grads)}
+        return {"act": self._decode(grads)}
 
     # ---- server ---------------------------------------------------------------------
 
-    def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unpack and dequantise: ``codes`` (B, n, w) + scales -> ``(B, n, d)``."""
         packed = tensors["codes"]
         d = int(tensors["d"]) if "d" in tensors else (packed.shape[-1] * 8) // self.bits
         codes = unpack_bits(packed, self.bits, d)  # (B, n, d)
         return dequantize(codes, tensors["scale"], tensors["zero"])
 
-    def server_decode(
+    def _decode_with_leaves(
         self, tensors: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The dequantised activation as a fresh leaf ``act``: its gradient goes back."""
-        act = self.decode(tensors).detach().requires_grad_(True)  # (B, n, d)
+        act = self._decode(tensors).detach().requires_grad_(True)  # (B, n, d)
         return act, {"act": act}
 
     def compress_grads(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

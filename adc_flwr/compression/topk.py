@@ -87,25 +87,21 @@ class TopKCompressor(Compressor):
 
     # ---- client ---------------------------------------------------------------------
 
-    def encode(
+    def _encode(
         self,
         h: torch.Tensor,
         labels: torch.Tensor,
         cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None = None,
+        plan: dict[str, torch.Tensor] | None,
         *,
-        seed: int = 0,
+        seed: int,
     ) -> Packet:
         """Sparsify ``h`` (B, n, d) to ``values``/``idx`` (B, K); ``cls_attn`` is unused.
 
         The plan holds the kept positions, so a replay gathers the same elements whatever
         ties or float noise the recomputed ``h`` has.
         """
-        if h.dim() != 3:
-            raise ValueError(f"{self.name}: expected h of shape (B, n, d), got {tuple(h.shape)}")
         b, n, d = h.shape
-        if labels.shape != (b,):
-            raise ValueError(f"{self.name}: expected labels (B,)=({b},), got {tuple(labels.shape)}")
         flat = h.reshape(b, n * d)  # (B, n·d)
         if plan is None:
             idx = self._select(flat.detach(), num_kept(self.compression, n, d), seed)
@@ -135,7 +131,7 @@ class TopKCompressor(Compressor):
 
     # ---- server ---------------------------------------------------------------------
 
-    def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scatter ``values`` (B, K) at ``idx`` into zeros: the activation ``(B, n, d)``."""
         try:
             values, idx, shape = tensors["values"], tensors["idx"], tensors["shape"]

@@ -1,0 +1,225 @@
+"""Hub, parquet and imagefolder sources: one code path through ``datasets.load_dataset``.
+
+Only the loader arguments differ between the three. Loading reads the labels and the image
+headers; pixels are decoded later, row by row, by :class:`LazyImages`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from adc_flwr.data.images import LazyImages, image_table, numeric_images, plan_decoding
+from adc_flwr.data.splits import DataError, ImageSplit, carve_test
+
+_LABEL_NAMES = ("label", "labels", "fine_label")
+_IMAGE_NAMES = ("img", "image")
+
+
+def load_hf_style(
+    kind: str, target: str, data_dir: str
+) -> tuple[ImageSplit, ImageSplit, list[str]]:
+    """Load through ``datasets.load_dataset``; one path for the hub and local files.
+
+    - image column: the first ``Image`` feature, else a column named ``img``/``image``
+      (a numeric array column works too; it is read whole, not lazily).
+    - label column: ``label``/``labels``/``fine_label`` if present (ClassLabel or not), else
+      the first ``ClassLabel``. Plain int labels give classes ``0..max``; strings are sorted.
+    - colour and size: one mode and square side for all splits, from the image headers
+      (see :func:`~adc_flwr.data.images.plan_decoding`).
+    - splits: ``test`` if present, else a fixed stratified 20 % carved from train; train is
+      ``train`` if present, else the first split.
+    - relative ``parquet:``/``imagefolder:`` paths resolve against ``data-dir`` when set;
+      for ``hf:`` a non-empty ``data-dir`` is the Hugging Face cache dir.
+    """
+    import datasets
+
+    if kind == "hf":
+        args: dict[str, Any] = {"path": target}
+        if data_dir:
+            args["cache_dir"] = data_dir
+        _check_hub_reachable(target)
+        what = f"hub dataset {target!r}"
+    else:
+        path = Path(target).expanduser()
+        if not path.is_absolute() and data_dir:
+            path = Path(data_dir).expanduser() / path
+        if not path.exists():
+            raise DataError(
+                f"dataset='{kind}:{target}': {path} does not exist. Give an existing "
+                f"{'parquet file or folder' if kind == 'parquet' else 'image folder'} "
+                "(relative paths resolve against the `data-dir` run-config key when it is set)."
+            )
+        if kind == "parquet":
+            if path.is_file():
+                args = {"path": "parquet", "data_files": {"train": str(path)}}
+            else:
+                args = {"path": "parquet", "data_dir": str(path)}
+        else:
+            if not path.is_dir():
+                raise DataError(f"dataset='imagefolder:{target}': {path} is not a folder.")
+            args = {"path": "imagefolder", "data_dir": str(path)}
+        what = f"{kind} data at {path}"
+    try:
+        with warnings.catch_warnings(), _quiet_datasets():
+            warnings.simplefilter("ignore")
+            dsd = datasets.load_dataset(**args)
+    except ConnectionError as exc:
+        raise DataError(_hub_offline_help(target, str(exc))) from exc
+    except Exception as exc:
+        hint = (
+            "Check the hub id (e.g. 'hf:uoft-cs/cifar100'); without network use a local copy "
+            "via 'parquet:<dir>' or 'imagefolder:<dir>'."
+            if kind == "hf"
+            else "Check that the folder holds the expected files (parquet files, or "
+            "<class>/<image> folders, optionally under train/ and test/)."
+        )
+        raise DataError(f"Could not load {what}: {type(exc).__name__}: {exc}. {hint}") from exc
+    if not isinstance(dsd, datasets.DatasetDict) or len(dsd) == 0:
+        raise DataError(f"{what} gave no splits.")
+    with _quiet_datasets():
+        return _from_dataset_dict(dsd, what)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No datasets progress bars while loading: every Ray actor would print its own."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _hub_offline_help(hub_id: str, detail: str) -> str:
+    import datasets
+
+    cache = (
+        "HF_HUB_OFFLINE is set and the local Hugging Face cache does not hold it, so"
+        if datasets.config.HF_HUB_OFFLINE
+        else "If it is already in the local Hugging Face cache, set HF_HUB_OFFLINE=1;"
+    )
+    return (
+        f"The Hugging Face Hub is unreachable, so dataset='hf:{hub_id}' cannot be downloaded "
+        f"({detail}). {cache} otherwise copy the data here and use "
+        "dataset='parquet:<dir or file>' or 'imagefolder:<dir>' (local files go through "
+        "the same loader, offline)."
+    )
+
+
+def _check_hub_reachable(hub_id: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after the hub client's ~25 s of retries, when there is no network.
+
+    Skipped in offline mode (the cache is used) and behind a proxy (a direct probe would lie).
+    """
+    import datasets
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise DataError(_hub_offline_help(hub_id, f"{host}:{port}: {exc}")) from exc
+
+
+def _pick_columns(features: Any) -> tuple[str, str]:
+    import datasets
+
+    image_col = next(
+        (n for n, f in features.items() if isinstance(f, datasets.Image)),
+        next((n for n in _IMAGE_NAMES if n in features), None),
+    )
+    label_col = next(
+        (n for n in _LABEL_NAMES if n in features),
+        next((n for n, f in features.items() if isinstance(f, datasets.ClassLabel)), None),
+    )
+    if image_col is None or label_col is None:
+        raise DataError(
+            f"Cannot find the {'image' if image_col is None else 'label'} column among "
+            f"{list(features)}: expected an Image feature or a column named img/image, and a "
+            "ClassLabel or a column named label/labels/fine_label."
+        )
+    return image_col, label_col
+
+
+def _from_dataset_dict(dsd: Any, what: str) -> tuple[ImageSplit, ImageSplit, list[str]]:
+    import datasets
+
+    train_name = "train" if "train" in dsd else next(iter(dsd))
+    train_ds = dsd[train_name]
+    test_ds = dsd["test"] if "test" in dsd and train_name != "test" else None
+    image_col, label_col = _pick_columns(train_ds.features)
+    parts = [train_ds] if test_ds is None else [train_ds, test_ds]
+    names, encoded = _encode_labels(parts, label_col, train_ds.features[label_col], what)
+
+    # (part, rows) of train and test: both are rows of train when test is carved from it.
+    if test_ds is None:
+        train_idx, test_idx = carve_test(encoded[0])
+        views = [(0, train_idx), (0, test_idx)]
+    else:
+        views = [(0, np.arange(len(train_ds))), (1, np.arange(len(test_ds)))]
+    images: list[np.ndarray | LazyImages]
+    if isinstance(train_ds.features[image_col], datasets.Image):
+        tables = [image_table(p, image_col) for p in parts]
+        plan = plan_decoding(tables, what)
+        images = [LazyImages(tables[p], rows, plan, what) for p, rows in views]
+    else:
+        arrays = [_numeric_column(p, image_col, what) for p in parts]
+        images = [arrays[p][rows] for p, rows in views]
+    train, test = (
+        ImageSplit(img, encoded[p][rows]) for img, (p, rows) in zip(images, views, strict=True)
+    )
+    return train, test, names
+
+
+def _encode_labels(
+    parts: Sequence[Any], column: str, feature: Any, what: str
+) -> tuple[list[str], list[np.ndarray]]:
+    """Class names and int64 labels per part (the label column only: no image is read)."""
+    import datasets
+
+    raw_labels = [_column(p, column) for p in parts]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+        encoded = [np.asarray(r, dtype=np.int64) for r in raw_labels]
+    else:
+        values = [v for r in raw_labels for v in r]
+        if all(isinstance(v, (int, np.integer)) for v in values):
+            encoded = [np.asarray(r, dtype=np.int64) for r in raw_labels]
+            names = [str(i) for i in range(int(max(values, default=-1)) + 1)]
+        else:
+            names = sorted({str(v) for v in values})
+            lookup = {n: i for i, n in enumerate(names)}
+            encoded = [np.asarray([lookup[str(v)] for v in r], dtype=np.int64) for r in raw_labels]
+    if any(int(e.min(initial=0)) < 0 for e in encoded):
+        raise DataError(f"{what}: column {column!r} holds negative labels (unlabelled rows?).")
+    return names, encoded
+
+
+def _column(ds: Any, name: str) -> list[Any]:
+    """A whole column as a list in one batch read (``ds[name]`` iterates row by row)."""
+    return ds.select_columns([name])[:][name]
+
+
+def _numeric_column(ds: Any, column: str, what: str) -> np.ndarray:
+    return numeric_images(np.asarray(ds.with_format("numpy")[:][column]), what)
