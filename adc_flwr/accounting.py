@@ -102,59 +102,52 @@ class Traffic:
 
 
 class TrafficLedger:
-    """Traffic per (round, client), with totals for the budget check."""
+    """The run's running total (what ``budget-mb`` limits) and each client's traffic in the
+    current round: constant work per entry and memory that does not grow with the rounds."""
 
     def __init__(self) -> None:
-        self._by_client: dict[tuple[int, int], Traffic] = {}
+        self._total = Traffic()
+        self._round: int | None = None
+        self._clients: dict[int, Traffic] = {}
 
     def add(self, server_round: int, client: int, traffic: Traffic) -> None:
-        """Record ``traffic`` for ``client`` in ``server_round``."""
-        key = (server_round, client)
-        self._by_client[key] = self._by_client.get(key, Traffic()) + traffic
+        """Record ``traffic`` for ``client`` in ``server_round`` (a new round starts afresh)."""
+        if server_round != self._round:
+            self._round, self._clients = server_round, {}
+        self._clients[client] = self._clients.get(client, Traffic()) + traffic
+        self._total += traffic
 
     def client_round(self, server_round: int, client: int) -> Traffic:
-        """One client's traffic in one round."""
-        return replace(self._by_client.get((server_round, client), Traffic()))
-
-    def round_total(self, server_round: int) -> Traffic:
-        """All clients' traffic in one round."""
-        return sum((t for (r, _), t in self._by_client.items() if r == server_round), Traffic())
-
-    def client_total(self, client: int) -> Traffic:
-        """One client's traffic over all rounds."""
-        return sum((t for (_, c), t in self._by_client.items() if c == client), Traffic())
+        """One client's traffic in ``server_round``, which must be the current round."""
+        if server_round != self._round:
+            raise KeyError(f"round {server_round} is not the current round ({self._round})")
+        return replace(self._clients.get(client, Traffic()))
 
     def total(self) -> Traffic:
-        """Traffic over all rounds and clients."""
-        return sum(self._by_client.values(), Traffic())
-
-    def rounds(self) -> list[int]:
-        """Rounds with recorded traffic, ascending."""
-        return sorted({r for r, _ in self._by_client})
-
-    def clients(self, server_round: int | None = None) -> list[int]:
-        """Clients with recorded traffic (in ``server_round`` if given), ascending."""
-        return sorted({c for r, c in self._by_client if server_round in (None, r)})
+        """Traffic over all rounds and clients (a copy)."""
+        return replace(self._total)
 
     @property
     def mb_sent(self) -> float:
         """Up + down, model sync included, in MB (1e6 bytes): what ``budget-mb`` limits."""
-        return self.total().total / 1e6
+        return self._total.total / 1e6
 
-    def state(self) -> dict[str, list[dict[str, Any]]]:
-        """Plain lists of ints, for a checkpoint that ``torch.load(weights_only=True)`` reads."""
+    def state(self) -> dict[str, Any]:
+        """Plain ints, for a checkpoint that ``torch.load(weights_only=True)`` reads."""
         return {
-            "clients": [
-                {"round": r, "client": c, **asdict(t)} for (r, c), t in self._by_client.items()
-            ],
+            "total": asdict(self._total),
+            "round": self._round,
+            "clients": [{"client": c, **asdict(t)} for c, t in self._clients.items()],
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, list[dict[str, Any]]]) -> TrafficLedger:
+    def from_state(cls, state: dict[str, Any]) -> TrafficLedger:
         """Rebuild a ledger saved with :meth:`state` (resume after a restart)."""
         ledger = cls()
+        ledger._total = Traffic(**state["total"])
+        ledger._round = state["round"]
         for row in state["clients"]:
             counts = dict(row)
-            key = (counts.pop("round"), counts.pop("client"))
-            ledger._by_client[key] = Traffic(**counts)
+            client = counts.pop("client")
+            ledger._clients[client] = Traffic(**counts)
         return ledger

@@ -8,6 +8,7 @@ a typo in ``--run-config`` fails before any data or model is built.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class RunConfig:
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"
+    client_optimizer: str = "reset"
     weight_decay: float = 0.0
     fraction_train: float = 1.0
     min_nodes: int = 1
@@ -77,6 +79,7 @@ class RunConfig:
     eval_batch_size: int = 512
     eval_samples: int = 0
     step_timeout: float = 120.0
+    start_timeout: float = 600.0
     channel: str = "clean"
     snr_db: str = "10"
     out_dir: str = "results"
@@ -90,8 +93,12 @@ class RunConfig:
         for key, raw in run_config.items():
             name = key.replace("-", "_")
             if name not in fields:
-                known = ", ".join(sorted(f.replace("_", "-") for f in fields))
-                raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
+                known = sorted(f.replace("_", "-") for f in fields)
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"unknown run-config key {key!r}{hint}; known keys: {', '.join(known)}"
+                )
             values[name] = _coerce(key, raw, fields[name].type)
         cfg = cls(**values)
         cfg.validate()
@@ -122,6 +129,10 @@ class RunConfig:
         """``snr-db`` as (low, high): 'x' means fixed x dB, 'a,b' uniform in [a, b]."""
         parts = [float(p) for p in self.snr_db.split(",")]
         return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+    def clients_per_round(self, num_partitions: int) -> int:
+        """Clients sampled each round: ``fraction-train`` of the partitions, at least one."""
+        return max(1, round(self.fraction_train * num_partitions))
 
     @property
     def resolved_run_name(self) -> str:
@@ -248,6 +259,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "batch-size": _in_range(2),
     "lr": _in_range(0, low_open=True),
     "optimizer": _one_of(*OPTIMIZERS),
+    "client-optimizer": _one_of("reset", "keep"),
     "weight-decay": _in_range(0),
     "fraction-train": _in_range(0, 1, low_open=True),
     "min-nodes": _in_range(1),
@@ -257,6 +269,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval-batch-size": _in_range(1),
     "eval-samples": _in_range(0),
     "step-timeout": _in_range(0, low_open=True),
+    "start-timeout": _in_range(0, low_open=True),
     "channel": _one_of(*CHANNELS),
     "snr-db": _snr,
     "out-dir": _non_empty,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import ViTConfig, ViTForImageClassification
 
 from adc_flwr.attention import CLSAttentionProbe
+from adc_flwr.hub import hub_unreachable
 
 __all__ = [
     "PRESETS",
@@ -139,6 +140,13 @@ def _load_pretrained(model: str, *, num_classes: int) -> ViTForImageClassificati
             raise ModelError(f"model {model!r} names no hub id; expected {MODEL_HELP}")
     else:
         source = model
+    offline = model.startswith(HUB_PREFIX) and not _in_hub_cache(source)
+    if offline and (problem := hub_unreachable()):
+        raise ModelError(
+            f"model {model!r}: the Hugging Face hub is unreachable ({problem}) and the local "
+            "cache does not hold it. Save the model once where the hub is reachable "
+            "(save_pretrained) and set model to that local directory."
+        )
     try:
         vit = ViTForImageClassification.from_pretrained(
             source,
@@ -160,6 +168,13 @@ def _load_pretrained(model: str, *, num_classes: int) -> ViTForImageClassificati
             f"model {model!r}: the directory holds no loadable ViTForImageClassification: {err}"
         ) from err
     return vit
+
+
+def _in_hub_cache(source: str) -> bool:
+    """Whether the hub checkpoint's config is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(source, "config.json"), str)
 
 
 def build_vit(

@@ -3,32 +3,36 @@
 ``<out-dir>/<run-name>/`` holds:
 
 - ``config.json``: the resolved, validated run config (atomic write).
-- ``metrics.csv``: append-only, one row per step, evaluation or round, with the fixed columns
-  :data:`METRIC_COLUMNS` (``kind`` is ``step`` or ``eval``; a value a row does
-  not have, or NaN, is a blank cell). Each row is flushed when written; :meth:`RunDir.flush`
-  fsyncs (call it at least once per round, before the checkpoint).
+- ``metrics.csv``: append-only, one row per step or evaluation, with the fixed columns
+  :data:`METRIC_COLUMNS` (``kind`` is ``step`` or ``eval``; a value a row does not have,
+  or NaN, is a blank cell). Each row is flushed when written; :meth:`RunDir.flush` fsyncs
+  (call it at least once per round, before the checkpoint).
 - ``summary.json`` (atomic write), built with :func:`make_summary`. Keys, always present:
-  ``status`` (``"completed"`` or ``"failed"``), ``stop_reason`` (why a completed run
-  stopped: ``"num-server-rounds"`` or ``"budget-mb"``; null when failed), ``error`` (the failure;
-  null when completed), ``rounds``, ``test_accuracy``, ``test_loss``, ``bytes_up_act``,
-  ``bytes_up_targets``, ``bytes_down_grad``, ``bytes_model_sync``, ``compression_ratio``,
-  ``wall_time_s`` (null when unknown), plus any extra metrics the caller adds. Non-finite
-  floats are written as null, since JSON has no NaN.
-- ``checkpoint.pt``: whatever the strategy needs to resume (``torch.save``, atomic).
+  ``status`` (``completed``, ``failed`` or ``interrupted``), ``stop_reason`` (why a
+  completed run stopped: ``"num-server-rounds"`` or ``"budget-mb"``; null otherwise),
+  ``error`` (what failed or interrupted it; null when completed), ``rounds``,
+  ``test_accuracy``, ``test_loss``, ``bytes_up_act``, ``bytes_up_targets``,
+  ``bytes_down_grad``, ``bytes_model_sync``, ``compression_ratio``, ``wall_time_s`` (null
+  when unknown), plus any extra metrics the caller adds. Non-finite floats are written as
+  null, since JSON has no NaN.
+- ``checkpoint.pt``: whatever the strategy needs to resume (``torch.save``, atomic), plus
+  how many metric rows had been written when it was taken.
 
-Resume: a run whose summary says ``completed`` is finished; otherwise load the checkpoint
-and call :meth:`RunDir.truncate_metrics_after` with its round, so rows written after it
-are dropped and not duplicated when the rounds are redone.
+Resume (:mod:`adc_flwr.resume` decides whether a directory is new, resumable or finished):
+load the checkpoint, check that :meth:`RunDir.metric_rows` up to its round equals the count
+it saved, then call :meth:`RunDir.truncate_metrics_after` with its round (0 without one), so
+rows of the unfinished round are dropped and not duplicated when it is redone.
 
 Every whole-file write goes to a temporary file in the same directory, is fsynced, then
 ``os.replace``d over the target: a crash or a serialisation error leaves the old file intact.
+A file that cannot be read back (truncated by hand, a full disk) raises :class:`RunDirError`
+naming the file and what to do; nothing is deleted or rewritten to get past it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import math
 import os
@@ -69,12 +73,16 @@ SUMMARY_METRICS = (
     "compression_ratio",
     "wall_time_s",
 )
-SUMMARY_STATUSES = ("completed", "failed")
+SUMMARY_STATUSES = ("completed", "failed", "interrupted")
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RunDirError(RuntimeError):
+    """A run directory's file is damaged or does not fit the run; says which and what to do."""
 
 
 # ---- atomic writes --------------------------------------------------------------------
@@ -83,6 +91,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
     """Write through ``write`` into a temp file beside ``path``, fsync, then replace ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -162,8 +171,7 @@ class RunDir:
     """One run's directory: config, append-only metrics, summary and checkpoint."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # created by the first write, not by looking
         self._metrics: IO[str] | None = None
         self._writer: csv.DictWriter[str] | None = None
 
@@ -263,22 +271,52 @@ class RunDir:
         return pd.read_csv(self.metrics_path)
 
     def truncate_metrics_after(self, server_round: int) -> int:
-        """Drop rows of rounds after ``server_round`` (resume from its checkpoint).
+        """Drop rows of rounds after ``server_round``, and a torn last line (a crash mid-row).
 
-        Rows without a round are kept. Returns how many rows were dropped.
+        Kept rows stay byte for byte as written. Returns how many lines were dropped.
         """
         self.close()
         if not self.metrics_path.exists():
             return 0
-        with self.metrics_path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [r for r in rows if not r["round"] or float(r["round"]) <= server_round]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(kept)
-        atomic_write_text(self.metrics_path, buf.getvalue())
-        return len(rows) - len(kept)
+        text = self.metrics_path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        torn = lines.pop()  # "" when the file ends with a newline
+        header, rows = (lines[0], lines[1:]) if lines else ("", [])
+        if header and header != ",".join(METRIC_COLUMNS):
+            raise RunDirError(
+                f"{self.metrics_path} has columns {header!r}, not those of this version "
+                f"({','.join(METRIC_COLUMNS)}); use a new run-name or out-dir"
+            )
+        round_at = METRIC_COLUMNS.index("round")
+        kept = [
+            row
+            for row in rows
+            if (value := next(csv.reader([row]))[round_at]) and float(value) <= server_round
+        ]
+        dropped = len(rows) - len(kept) + bool(torn)
+        if dropped:
+            atomic_write_text(self.metrics_path, "".join(f"{r}\n" for r in [header, *kept]))
+        return dropped
+
+    def step_rows(self) -> int:
+        """Complete ``kind=step`` rows in metrics.csv: training steps recorded so far."""
+        if not self.metrics_path.exists():
+            return 0
+        with self.metrics_path.open("rb") as f:
+            lines = f.read().split(b"\n")[1:-1]  # no header, no torn or empty last line
+        return sum(line.startswith(b"step,") for line in lines)
+
+    def metric_rows(self, up_to_round: int | None = None) -> int:
+        """Complete data rows in metrics.csv (a torn last line does not count), of rounds up
+        to ``up_to_round`` when given."""
+        if not self.metrics_path.exists():
+            return 0
+        lines = self.metrics_path.read_text(encoding="utf-8").split("\n")[1:-1]
+        if up_to_round is None:
+            return len(lines)
+        round_at = METRIC_COLUMNS.index("round")
+        rounds = [next(csv.reader([line]))[round_at] for line in lines]
+        return sum(1 for r in rounds if r and float(r) <= up_to_round)
 
     # ---- summary ----------------------------------------------------------------
 
@@ -297,10 +335,11 @@ class RunDir:
 
     # ---- checkpoint -------------------------------------------------------------
 
-    def save_checkpoint(self, obj: Any) -> None:
-        """Write ``checkpoint.pt`` atomically (after :meth:`flush`, so metrics lead it)."""
+    def save_checkpoint(self, obj: dict[str, Any]) -> None:
+        """Write ``checkpoint.pt`` atomically (after :meth:`flush`, so metrics lead it), with
+        the number of metric rows written so far (``metrics_rows``) for the resume check."""
         self.flush()
-        atomic_torch_save(self.checkpoint_path, obj)
+        atomic_torch_save(self.checkpoint_path, {**obj, "metrics_rows": self.metric_rows()})
 
     def load_checkpoint(self) -> Any | None:
         """The stored checkpoint, or None.
@@ -312,15 +351,30 @@ class RunDir:
         if not self.checkpoint_path.exists():
             return None
         try:
-            return torch.load(self.checkpoint_path, weights_only=True)
-        except pickle.UnpicklingError:
-            return torch.load(self.checkpoint_path, weights_only=False)
+            try:
+                return torch.load(self.checkpoint_path, weights_only=True)
+            except pickle.UnpicklingError:
+                return torch.load(self.checkpoint_path, weights_only=False)
+        except Exception as exc:
+            raise RunDirError(
+                f"{self.checkpoint_path} cannot be read ({type(exc).__name__}: {exc}). Restore "
+                "it, or move the run directory away (or pick another run-name) to start over"
+            ) from exc
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunDirError(
+            f"{path} is damaged (not valid JSON: {exc}). Restore it, or move the run "
+            "directory away (or pick another run-name) to start over"
+        ) from exc
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} does not hold a JSON object; restore it or move it away")
+    return value
 
 
 def make_summary(
@@ -337,8 +391,8 @@ def make_summary(
         raise ValueError(f"summary status {status!r} is not one of {SUMMARY_STATUSES}")
     if status == "completed" and not stop_reason:
         raise ValueError("a completed run's summary needs a stop_reason")
-    if status == "failed" and not error:
-        raise ValueError("a failed run's summary needs an error")
+    if status != "completed" and not error:
+        raise ValueError(f"a {status} run's summary needs an error saying why")
     summary: dict[str, Any] = {"status": status, "stop_reason": stop_reason, "error": error}
     summary.update({key: metrics.pop(key, None) for key in SUMMARY_METRICS})
     summary.update(metrics)

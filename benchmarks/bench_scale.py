@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import psutil
@@ -60,11 +61,14 @@ def tree_memory(root: psutil.Process) -> tuple[float, float]:
     return total, simulation
 
 
-def run_row(partitions: int, sampled: int, rounds: int, local_steps: int, out: Path) -> dict:
-    name = f"scale-{partitions}-{sampled}"
+def run_row(
+    partitions: int, sampled: int, rounds: int, local_steps: int, out: Path, extra: str = ""
+) -> dict:
+    name = f"scale-{partitions}-{sampled}" + (f"-{zlib.crc32(extra.encode())}" if extra else "")
+    eval_samples = "" if "eval-samples" in extra else "eval-samples=1000"
     run_config = (
-        f"num-server-rounds={rounds} local-steps={local_steps} eval-samples=1000 "
-        f"fraction-train={sampled / partitions!r} min-nodes={partitions}"
+        f"num-server-rounds={rounds} local-steps={local_steps} {eval_samples} "
+        f"fraction-train={sampled / partitions!r} min-nodes={partitions} {extra}"
     )
     env = os.environ | {"OUT_DIR": str(out), "RUN_NAME": name}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
@@ -110,6 +114,7 @@ def run_row(partitions: int, sampled: int, rounds: int, local_steps: int, out: P
     return {
         "partitions": partitions,
         "sampled": sampled,
+        "config": extra,
         "clients_trained": [row["clients"] for row in summary["history"]],
         "startup_s": startup,
         "discovery_s": discovery,
@@ -122,38 +127,77 @@ def run_row(partitions: int, sampled: int, rounds: int, local_steps: int, out: P
     }
 
 
+DEIT = "model='deit-tiny' batch-size=4 eval-samples=200 eval-batch-size=50"
+
+
+def state_bytes(extra: str) -> int:
+    """Bytes of one client's ``context.state`` after a round (what travels to its actor and
+    back with its next message, and what the simulation keeps for it), measured in process."""
+    import pickle
+
+    from flwr.common.config import parse_config_args
+
+    sys.path.insert(0, str(ROOT))
+    from adc_flwr.config import RunConfig
+    from clients import client_app
+    from strategies.experiment import build_strategy
+    from strategies.inprocess_grid import InProcessGrid
+
+    values = parse_config_args([f"{extra} num-server-rounds=1 local-steps=1"])
+    cfg = RunConfig.from_run_config(values | {"out-dir": tempfile.mkdtemp()})
+    grid = InProcessGrid(client_app.app, 1, cfg.to_run_config())
+    strategy, arrays = build_strategy(cfg, run_dir=None, progress=lambda _: None)
+    strategy.sampler.settle_s = 0.0
+    strategy.start(grid, arrays, num_rounds=1, timeout=600)
+    (context,) = grid.contexts.values()
+    return len(pickle.dumps(context.state))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="10:10,100:10,1000:10,1000:100,10000:100")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument(
+        "--deit",
+        action="store_true",
+        help="instead: DeiT-Tiny (224 px, batch 4), 1000 partitions, 100 sampled, 10 rounds "
+        "of 1 step, with client-optimizer keep and reset",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results dir (default: temp)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     out.mkdir(parents=True, exist_ok=True)
     print(
-        f"{psutil.cpu_count()} cores, load average "
-        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}, rounds {args.rounds}, "
-        f"local steps {args.local_steps}"
+        f"{psutil.cpu_count()} cores, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    header = (
-        "| partitions | sampled / round | start-up (s) | of it asking nodes (s) | round (s) "
-        "| exchange (s) | peak PSS, all processes (GB) | peak PSS, simulation process (GB) |"
-    )
+    if args.deit:
+        specs = [(1000, 100, 10, 1, f"{DEIT} client-optimizer='{m}'") for m in ("reset", "keep")]
+    else:
+        specs = [
+            (*(int(x) for x in spec.split(":")), args.rounds, args.local_steps, "")
+            for spec in args.rows.split(",")
+        ]
     rows = []
-    for spec in args.rows.split(","):
-        partitions, sampled = (int(x) for x in spec.split(":"))
-        row = run_row(partitions, sampled, args.rounds, args.local_steps, out)
+    for partitions, sampled, rounds, steps, extra in specs:
+        row = run_row(partitions, sampled, rounds, steps, out, extra)
+        row["rounds"], row["local_steps"] = rounds, steps
+        row["state_bytes_per_client"] = state_bytes(extra)
         rows.append(row)
         (out / "bench_scale.json").write_text(json.dumps(rows, indent=2))
         print(json.dumps(row), flush=True)
-    print(header)
-    print("|---" * 8 + "|")
+    print(
+        "| partitions | sampled / round | config | start-up (s) | of it asking nodes (s) "
+        "| round (s) | exchange (s) | peak PSS, all processes (GB) "
+        "| peak PSS, simulation process (GB) | context.state per client (MB) |"
+    )
+    print("|---" * 10 + "|")
     for r in rows:
         print(
-            f"| {r['partitions']} | {r['sampled']} | {r['startup_s']:.1f} | "
-            f"{r['discovery_s']:.1f} | {r['round_s']:.1f} | {r['exchange_s']:.2f} | "
-            f"{r['peak_pss_gb']:.2f} | {r['peak_simulation_pss_gb']:.2f} |"
+            f"| {r['partitions']} | {r['sampled']} | {r['config'] or 'vit-cpu'} | "
+            f"{r['startup_s']:.1f} | {r['discovery_s']:.1f} | {r['round_s']:.1f} | "
+            f"{r['exchange_s']:.2f} | {r['peak_pss_gb']:.2f} | "
+            f"{r['peak_simulation_pss_gb']:.2f} | {r['state_bytes_per_client'] / 1e6:.3f} |"
         )
     return 0
 

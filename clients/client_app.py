@@ -8,8 +8,10 @@ Protocol (DESIGN.md section 3), one exchange per step:
 - ``train.step`` {gradients for packet s, config}: recompute forward s with its saved plan,
   backward, optimizer step; reply packet s+1, or on the last step the front weights.
 
-Between messages only ``context.state`` survives: front weights, optimizer state and the
-plan of the packet in flight live there.
+Between messages only ``context.state`` survives. Within a round it holds the front, the
+optimizer state and the plan of the packet in flight; between rounds only what the server
+cannot send again: the optimizer moments with ``client-optimizer = keep``, nothing with
+``reset`` (the front comes with every ``train.start``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ def start(msg: Message, context: Context) -> Message:
             f"the server addressed partition {config['partition-id']} to the node holding "
             f"partition {setup.partition_id}"
         )
-    worker = setup.worker(record_to_state(msg.content[FRONT]), _optimizer_state(context))
+    keep = setup.cfg.client_optimizer == "keep"
+    moments = _optimizer_state(context) if keep else None
+    _clear(context, keep_moments=keep)  # whatever a dropped round left behind
+    worker = setup.worker(record_to_state(msg.content[FRONT]), moments)
     context.state[ROUND] = ConfigRecord(
         {"round": int(config["round"]), "batches-done": int(config["batches-done"])}
     )
@@ -81,13 +86,15 @@ def step(msg: Message, context: Context) -> Message:
     worker.apply_grads(idx, int(meta["seed"]), plan, record_to_grads(msg.content["grads"]))
     examples = int(meta["examples"]) + len(idx)
     if bool(config["last"]):
-        metrics = MetricRecord({"partition-id": setup.partition_id, "num-examples": examples})
+        metrics = MetricRecord({"num-examples": examples})
         reply = RecordDict({FRONT: state_to_record(worker.front_state()), "metrics": metrics})
-        del context.state[PENDING], context.state[PENDING_META]
-    else:
-        reply = _forward_next(setup, worker, context, step=int(meta["step"]) + 1, examples=examples)
-        if bool(config["probe"]):
-            reply[FRONT] = state_to_record(worker.front_state())
+        _clear(context, keep_moments=False)
+        if setup.cfg.client_optimizer == "keep":  # the only thing a client keeps
+            store_tensors(context, OPTIM, optimizer_tensors(worker.optimizer))
+        return Message(reply, reply_to=msg)
+    reply = _forward_next(setup, worker, context, step=int(meta["step"]) + 1, examples=examples)
+    if bool(config["probe"]):
+        reply[FRONT] = state_to_record(worker.front_state())
     _save(context, worker)
     return Message(reply, reply_to=msg)
 
@@ -118,13 +125,7 @@ def _forward_next(
     pending = {"idx": torch.from_numpy(idx)} | {f"plan.{k}": v for k, v in packet.plan.items()}
     context.state[PENDING] = ArrayRecord(pending)
     context.state[PENDING_META] = ConfigRecord({"seed": seed, "step": step, "examples": examples})
-    metrics = MetricRecord(
-        {
-            "partition-id": setup.partition_id,
-            "steps-per-epoch": setup.steps_per_epoch,
-            "num-examples": examples,
-        }
-    )
+    metrics = MetricRecord({"steps-per-epoch": setup.steps_per_epoch, "num-examples": examples})
     return RecordDict(
         {"packet": packet_to_record(packet, setup.cfg.wire_dtype), "metrics": metrics}
     )
@@ -137,6 +138,14 @@ def _optimizer_state(context: Context) -> dict[str, torch.Tensor] | None:
 def _save(context: Context, worker: ClientWorker) -> None:
     store_tensors(context, FRONT, worker.front_state())
     store_tensors(context, OPTIM, optimizer_tensors(worker.optimizer))
+
+
+def _clear(context: Context, *, keep_moments: bool) -> None:
+    """Empty ``context.state`` (but for the optimizer moments when ``keep_moments``)."""
+    kept = (OPTIM, f"{OPTIM}.layout") if keep_moments else ()
+    for key in list(context.state):
+        if key not in kept:
+            del context.state[key]
 
 
 def store_tensors(context: Context, key: str, tensors: dict[str, torch.Tensor]) -> None:

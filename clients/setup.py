@@ -14,7 +14,7 @@ import torch
 
 from adc_flwr.compression import Compressor, build_compressor
 from adc_flwr.config import RunConfig
-from adc_flwr.data import BatchCursor, DataBundle, load_data, partition_indices
+from adc_flwr.data import BatchCursor, DataBundle, load_data, run_partitions
 from adc_flwr.model import ClientFront, split_vit
 from adc_flwr.training import (
     ClientWorker,
@@ -46,24 +46,6 @@ def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
         front,
         build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size),
         InputSpec.for_model(vit, data),
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
-    """Train-split indices per partition, identical in every process for the same config."""
-    data = load_data(cfg.dataset, cfg.data_dir)
-    return tuple(
-        partition_indices(
-            data.train.labels,
-            num_partitions,
-            cfg.partitioner,
-            alpha=cfg.alpha,
-            min_partition_size=cfg.min_partition_size,
-            classes_per_client=cfg.classes_per_client,
-            shards_per_client=cfg.shards_per_client,
-            seed=cfg.seed,
-        )
     )
 
 
@@ -113,7 +95,7 @@ class ClientSetup:
 
 def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientSetup:
     """The cached setup for partition ``partition_id`` of ``num_partitions``."""
-    parts = partitions(cfg, num_partitions)
+    parts = run_partitions(cfg, num_partitions)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
     data = load_data(cfg.dataset, cfg.data_dir)

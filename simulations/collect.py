@@ -3,7 +3,7 @@
 :func:`collect` reads every ``<results_dir>/<run>/config.json`` + ``summary.json`` (one row
 per run) and writes ``<results_dir>/table.csv`` atomically, so notebooks and BENCHMARKS.md
 read one file rather than walking run directories. :func:`curves` returns the evaluation
-rows of every ``metrics.csv`` (accuracy against cumulative MB) for plots.
+rows of every completed run's ``metrics.csv`` (accuracy against cumulative MB) for plots.
 
     python -m simulations.collect results/paper_sweep [--values test_accuracy] [--long]
 
@@ -24,9 +24,10 @@ from typing import Any
 import pandas as pd
 
 from adc_flwr.config import RunConfig
-from adc_flwr.results import CONFIG_FILE, RunDir, atomic_write_text
+from adc_flwr.results import CONFIG_FILE, RunDir, RunDirError, atomic_write_text
 
 TABLE_FILE = "table.csv"
+SWEEP_FILE = "sweep.json"  # written by the sweep runner: its points and their statuses
 # the order methods are listed in (DESIGN.md section 2); others follow alphabetically
 METHOD_ORDER = ("none", "adc", "topk", "random-topk", "c3sl", "bottlenet", "quant", "pq")
 # keys folded into `level`, so a pivot by level needs none of them as columns
@@ -113,14 +114,16 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """One row per run of ``results_dir``; also written to ``<results_dir>/table.csv``.
 
     Columns: run, method, compression, level, the keys that vary between runs, then
-    :data:`RESULT_COLUMNS`. A run without a summary (running, or killed) has status
-    ``incomplete`` and blank results.
+    :data:`RESULT_COLUMNS`. A run without a summary has the status and error the sweep
+    recorded for it (``sweep.json``), else ``incomplete`` (running, or killed); a point that
+    failed before it made a run directory still has its row, with its error.
     """
     runs = _runs(results_dir)
     swept = [k for k in _swept_keys([c for _, c in runs]) if k not in ("method", "compression")]
+    recorded = sweep_results(results_dir)
     rows = []
     for run, config in runs:
-        summary = run.read_summary() or {}
+        summary = run.read_summary() or recorded.get(run.path.name, {})
         metrics = run.read_metrics()
         rows.append(
             {
@@ -141,6 +144,11 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
                 "error": summary.get("error"),
             }
         )
+    # points the sweep tried that left no run directory (refused before they started)
+    seen = {run.path.name for run, _ in runs}
+    for name, result in recorded.items():
+        if name not in seen:
+            rows.append({"run": name, "status": result.get("status"), "error": result.get("error")})
     columns = ["run", "method", "compression", "level", *swept, *RESULT_COLUMNS]
     table = pd.DataFrame(rows, columns=columns)
     if len(table):
@@ -155,8 +163,22 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     return table
 
 
+def sweep_results(results_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Per-point status and error the sweep runner recorded in ``sweep.json``, if any."""
+    path = Path(results_dir) / SWEEP_FILE
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("results", {}))
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise RunDirError(
+            f"{path} is damaged ({exc}); move it away and run the sweep again"
+        ) from exc
+
+
 def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Every run's evaluation rows: accuracy against cumulative MB (and steps) for plots.
+    """Every completed run's evaluation rows: accuracy against cumulative MB (and steps) for
+    plots. Runs that failed or did not finish are left out: they are no result.
 
     Columns: run, method, level, the keys that vary between runs, then round, step (global
     training steps done before the evaluation), test_accuracy, test_loss, mb_up, mb_down,
@@ -166,6 +188,8 @@ def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     swept = [k for k in _swept_keys([c for _, c in runs]) if k != "method"]
     frames = []
     for run, config in runs:
+        if (run.read_summary() or {}).get("status") != "completed":
+            continue
         metrics = run.read_metrics()
         steps_done = (metrics["kind"] == "step").cumsum()
         evals = metrics[metrics["kind"] == "eval"]

@@ -11,16 +11,19 @@ An experiment file (``simulations/experiments/<name>.toml``) has:
 - optionally ``[sweep]``: ``nodes`` (SuperNodes, default 1, as in the paper's single
   client) and ``description``.
 
-Every point is validated with :meth:`RunConfig.from_run_config` (and its compressor built
-when the method is registered) before anything runs, so a typo fails in a second, not after
-an hour of sweeping. A point's run name is derived from the values swept for it
-(``adc-c0.1``, ``c3sl-r4``); results go to ``<results-root>/<experiment>/<run-name>``.
+Every selected point gets every check a run gets (:func:`adc_flwr.validation.validate_run`:
+types and ranges, method, model and split index, data, partitioning over the nodes) before
+anything runs, so a typo fails in seconds, not after an hour of sweeping. A point's run name
+is derived from the values swept for it (``adc-c0.1``, ``c3sl-r4``); results go to
+``<results-root>/<experiment>/<run-name>``.
 
     python -m simulations.sweep paper_sweep [--results-root results] [--runner inprocess|flwr]
-                                [--only method=adc] [--dry-run] [--nodes N]
+        [--only method=adc] [--dry-run] [--nodes N] [--verbose] [--point-timeout SECONDS]
 
 Finished points are skipped, so an interrupted sweep is resumed by running it again; a
-failed point is reported and the sweep goes on; the exit status is non-zero if any failed.
+failed point is reported (and recorded with its error in ``sweep.json``, which the table
+shows) and the sweep goes on. Exit status: 0 all done, 1 some failed, 2 invalid, 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,7 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from adc_flwr.config import ConfigError, RunConfig
-from adc_flwr.results import RunDir, atomic_write_json
+from adc_flwr.results import RunDir, RunDirError, atomic_write_json
+from adc_flwr.resume import FINISHED, run_state
+from simulations.collect import SWEEP_FILE, sweep_results
+from strategies.preflight import toml_value
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +79,7 @@ NAME_ABBREVIATIONS: dict[str, str] = {
     "channel": "",
     "wire-dtype": "",
     "sl-mode": "",
+    "client-optimizer": "",
 }
 POINT_LINE = "[{i:>{w}}/{n}] {name:<24} {status:<9} acc {acc}  {mb:>9} MB  {secs:>7.1f} s  {note}"
 
@@ -148,14 +156,15 @@ def find_experiment(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def load_experiment(
-    name_or_path: str | os.PathLike[str], *, check_methods: bool = True
+    name_or_path: str | os.PathLike[str], *, check_points: bool = True
 ) -> Experiment:
     """Parse, expand and validate an experiment file.
 
     Args:
         name_or_path: experiment name (``paper_sweep``) or path to a TOML file.
-        check_methods: also require each point's method to be registered and build its
-            compressor, which catches method-specific errors (C3-SL's batch size) early.
+        check_points: also run every check a run gets on each point
+            (:func:`validate_points`: loads the data, builds the model), which catches
+            method- and model-specific errors (C3-SL's batch size, the split index) early.
     """
     path = find_experiment(name_or_path)
     try:
@@ -188,7 +197,9 @@ def load_experiment(
         nodes=nodes,
         description=str(sweep.get("description", "")),
     )
-    validate(experiment, check_methods=check_methods)
+    validate(experiment)
+    if check_points:
+        validate_points(experiment, experiment.points, experiment.nodes)
     return experiment
 
 
@@ -275,36 +286,27 @@ def _name_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
 
 
-def validate(experiment: Experiment, *, check_methods: bool = True) -> None:
-    """Raise :class:`ExperimentError` naming file, point and key for the first bad point."""
+def validate(experiment: Experiment) -> None:
+    """Raise :class:`ExperimentError` naming file, point and key for the first point whose
+    values are of the wrong type or out of range."""
     for point in experiment.points:
         try:
             point.config("results")
         except ConfigError as exc:
             raise ExperimentError(f"{_where(experiment, point)}: {exc}") from None
-    if check_methods:
-        validate_methods(experiment, experiment.points)
 
 
-def validate_methods(experiment: Experiment, points: Iterable[Point]) -> None:
-    """Each point's method is registered and its compressor builds from the point's config
-    (catching method-specific errors, e.g. a batch size C3-SL cannot group)."""
-    from adc_flwr.compression import available_methods, build_compressor
+def validate_points(experiment: Experiment, points: Iterable[Point], nodes: int) -> None:
+    """Every check a run gets (:func:`adc_flwr.validation.validate_run`: method, model and
+    split index, dataset, partitioning over ``nodes`` clients) for each point, before any
+    runs, so a bad point fails the sweep in seconds with file, point and key."""
+    from adc_flwr.validation import validate_run
 
-    methods = available_methods()
     for point in points:
-        cfg = point.config("results")
-        if cfg.method not in methods:
-            raise ExperimentError(
-                f"{_where(experiment, point)}: run-config key 'method' = {cfg.method!r} is not "
-                f"a registered compressor; choose one of {methods}"
-            )
         try:
-            build_compressor(cfg, num_classes=10)
-        except (ValueError, TypeError) as exc:
-            raise ExperimentError(
-                f"{_where(experiment, point)}: method {cfg.method!r}: {exc}"
-            ) from None
+            validate_run(point.config("results").to_run_config(), num_partitions=nodes)
+        except ConfigError as exc:
+            raise ExperimentError(f"{_where(experiment, point)}: {exc}") from None
 
 
 def _where(experiment: Experiment, point: Point) -> str:
@@ -367,10 +369,16 @@ def run_point_inprocess(
     return run_experiment(grid, cfg, progress=progress)
 
 
-def run_point_flwr(cfg: RunConfig, nodes: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    """One point through ``scripts/flwr_run.sh`` (``flwr run .`` on a private SuperLink)."""
+def run_point_flwr(
+    cfg: RunConfig, nodes: int, progress: Callable[[str], None], timeout_s: float = 0.0
+) -> dict[str, Any]:
+    """One point through ``scripts/flwr_run.sh`` (``flwr run .`` on a private SuperLink).
+
+    ``timeout_s`` > 0 limits the point: past it the script is sent SIGTERM (it ends every
+    process of the run and writes an ``interrupted`` summary) and the point fails.
+    """
     run_config = " ".join(
-        f"{key}={_toml_value(value)}"
+        f"{key}={toml_value(value)}"
         for key, value in cfg.to_run_config().items()
         if key not in RESERVED_KEYS
     )
@@ -387,33 +395,36 @@ def run_point_flwr(cfg: RunConfig, nodes: int, progress: Callable[[str], None]) 
         f"num-supernodes={nodes} client-resources-num-cpus=1",
     ]
     tail: collections.deque[str] = collections.deque(maxlen=3)
-    with subprocess.Popen(
+    proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
+    )
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        proc.terminate()  # the launcher ends the run's processes and says "interrupted"
+
+    timer = threading.Timer(timeout_s, stop) if timeout_s > 0 else None
+    if timer is not None:
+        timer.start()
+    try:
         assert proc.stdout is not None
         for line in proc.stdout:  # streamed: a long point shows its rounds as they finish
             progress(line.rstrip("\n"))
             tail.append(line.strip())
+        proc.wait()
+    except BaseException:  # Ctrl-C in the sweep: stop the point's run, then stop
+        proc.terminate()
+        proc.wait()
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if timed_out.is_set() and proc.returncode != 0:
+        raise TimeoutError(f"point exceeded --point-timeout={timeout_s:g} s and was stopped")
     if proc.returncode != 0:
         raise RuntimeError(f"flwr_run.sh exited {proc.returncode}: " + " | ".join(tail))
     return RunDir(cfg.run_dir).read_summary() or {}
-
-
-def _toml_value(value: Any) -> str:
-    """A run-config value as ``flwr run --run-config`` parses it (TOML literals)."""
-    if isinstance(value, str):
-        if "'" in value:
-            raise ValueError(f"run-config value {value!r}: a quote cannot be passed to flwr run")
-        return f"'{value}'"
-    if isinstance(value, float):
-        return repr(value)  # keeps the dot: 1.0 stays a float
-    return str(value)
-
-
-RUNNER_FUNCTIONS: dict[str, Callable[[RunConfig, int, Callable[[str], None]], dict[str, Any]]] = {
-    "inprocess": run_point_inprocess,
-    "flwr": run_point_flwr,
-}
 
 
 def run_sweep(
@@ -425,11 +436,15 @@ def run_sweep(
     nodes: int | None = None,
     dry_run: bool = False,
     verbose: bool = False,
+    point_timeout: float = 0.0,
     progress: Callable[[str], None] = print,
 ) -> list[PointResult]:
     """Run the selected points one after another; returns what happened to each.
 
     Finished points are skipped; a failed point is recorded and the next one runs.
+    ``sweep.json`` records each point's status and error as the sweep goes, so a table
+    shows why a point has no results. ``point_timeout`` (seconds, ``flwr`` runner) stops a
+    point that runs longer.
     """
     if runner not in RUNNERS:
         raise ExperimentError(f"runner {runner!r}: choose one of {RUNNERS}")
@@ -444,25 +459,31 @@ def run_sweep(
             state = _state(point.config(out_dir))
             swept = " ".join(f"{k}={v}" for k, v in point.swept.items())
             progress(f"[{i:>{len(str(n))}}/{n}] {point.name:<24} {state:<9} {swept}")
-    validate_methods(experiment, points)  # after the listing, so a dry run shows both
+    validate_points(experiment, points, nodes)  # after the listing: a dry run shows both
     if dry_run:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out_dir / "sweep.json",
-        {
-            "experiment": experiment.name,
-            "file": str(experiment.path),
-            "nodes": nodes,
-            "runner": runner,
-            "points": [p.name for p in experiment.points],
-        },
-    )
+    try:
+        recorded = sweep_results(out_dir)
+    except RunDirError as exc:
+        raise ExperimentError(str(exc)) from None
+    record: dict[str, Any] = {
+        "experiment": experiment.name,
+        "file": str(experiment.path),
+        "nodes": nodes,
+        "runner": runner,
+        "points": [p.name for p in experiment.points],
+        "results": recorded,
+    }
+    atomic_write_json(out_dir / SWEEP_FILE, record)
     inner = progress if verbose else (lambda _line: None)
     results = []
     for i, point in enumerate(points, 1):
-        result = _run_point(point, out_dir, runner, nodes, inner)
+        result = _run_point(point, out_dir, runner, nodes, inner, point_timeout)
         results.append(result)
+        if result.status != "skipped":
+            record["results"][point.name] = {"status": result.status, "error": result.error}
+            atomic_write_json(out_dir / SWEEP_FILE, record)
         progress(_point_line(i, n, result))
     failed = [r for r in results if r.status == "failed"]
     done = sum(r.status == "completed" for r in results)
@@ -482,26 +503,23 @@ def _state(cfg: RunConfig) -> str:
 
 
 def _run_point(
-    point: Point, out_dir: Path, runner: str, nodes: int, inner: Callable[[str], None]
+    point: Point,
+    out_dir: Path,
+    runner: str,
+    nodes: int,
+    inner: Callable[[str], None],
+    point_timeout: float = 0.0,
 ) -> PointResult:
     cfg = point.config(out_dir)
     started = time.perf_counter()
-    if cfg.run_dir.exists():
-        run_dir = RunDir(cfg.run_dir)
-        stored, wanted = run_dir.read_config() or {}, cfg.to_run_config()
-        # a moved results directory changes out-dir only: that run is still this point
-        changed = sorted(k for k in wanted if k != "out-dir" and stored.get(k) != wanted[k])
-        if stored and changed:
-            return PointResult(
-                point,
-                "failed",
-                error=f"{cfg.run_dir} holds a run with another config (keys {changed}); "
-                "delete it to rerun this point",
-            )
-        if run_dir.is_finished():
-            return PointResult(point, "skipped", summary=run_dir.read_summary() or {})
     try:
-        summary = RUNNER_FUNCTIONS[runner](cfg, nodes, inner)
+        # the decision every run makes: another config there is refused, finished is skipped
+        if run_state(RunDir(cfg.run_dir), cfg.to_run_config()) == FINISHED:
+            return PointResult(point, "skipped", summary=RunDir(cfg.run_dir).read_summary() or {})
+        if runner == "flwr":
+            summary = run_point_flwr(cfg, nodes, inner, point_timeout)
+        else:
+            summary = run_point_inprocess(cfg, nodes, inner)
     except Exception as exc:  # a failed point must not end the sweep
         return PointResult(
             point,
@@ -559,12 +577,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the points, run nothing")
     parser.add_argument("--nodes", type=int, default=None, help="SuperNodes (default: file)")
     parser.add_argument("--verbose", action="store_true", help="show each run's own lines")
+    parser.add_argument(
+        "--point-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --runner flwr: stop a point running longer (0: no limit)",
+    )
     args = parser.parse_args(argv)
     if args.nodes is not None and args.nodes < 1:
         parser.error("--nodes must be >= 1")
+    if args.point_timeout < 0 or (args.point_timeout and args.runner != "flwr"):
+        parser.error("--point-timeout takes seconds >= 0 and needs --runner flwr")
     try:
-        # methods are checked for the selected points only (in run_sweep)
-        experiment = load_experiment(args.experiment, check_methods=False)
+        # the full checks run on the selected points only (in run_sweep)
+        experiment = load_experiment(args.experiment, check_points=False)
         results = run_sweep(
             experiment,
             results_root=args.results_root,
@@ -573,10 +600,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             nodes=args.nodes,
             dry_run=args.dry_run,
             verbose=args.verbose,
+            point_timeout=args.point_timeout,
         )
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sweep interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     if args.dry_run:
         return 0
     from simulations.collect import TABLE_FILE, collect, markdown_pivot
@@ -601,7 +632,7 @@ __all__ = [
     "run_sweep",
     "select",
     "validate",
-    "validate_methods",
+    "validate_points",
 ]
 
 if __name__ == "__main__":

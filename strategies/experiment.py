@@ -18,14 +18,15 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from adc_flwr.accounting import TrafficLedger
+from adc_flwr.accounting import Traffic, TrafficLedger
 from adc_flwr.channel import build_channel
 from adc_flwr.codec import state_to_record
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import RunConfig
 from adc_flwr.data import ImageSplit, load_data
 from adc_flwr.model import split_vit
-from adc_flwr.results import RunDir, make_summary
+from adc_flwr.results import RunDir, RunDirError, make_summary
+from adc_flwr.resume import FINISHED, NEW, RESUME, run_state
 from adc_flwr.training import (
     InputSpec,
     ServerWorker,
@@ -35,6 +36,7 @@ from adc_flwr.training import (
     make_optimizer,
     modules_state,
 )
+from adc_flwr.validation import validate_run
 from strategies.outcomes import DROP_REASONS
 from strategies.split_strategy import SplitLearningStrategy
 
@@ -95,10 +97,11 @@ def checkpoint_state(strategy: SplitLearningStrategy, server_round: int) -> dict
         "ledger": strategy.ledger.state(),
         "batches_done": dict(strategy.batches_done),
         "history": list(strategy.history),
-        "sampler_state": list(strategy.sampler_state()),
+        "sampler_state": list(strategy.sampler.state()),
         "torch_rng": torch.get_rng_state(),
         "channel_rng": None if channel is None else channel.state(),  # noise stream position
         "wall_time_s": strategy.elapsed(),
+        "stop_reason": strategy.stop_reason,
     }
 
 
@@ -112,53 +115,70 @@ def restore(strategy: SplitLearningStrategy, state: dict[str, Any]) -> None:
     strategy.ledger = TrafficLedger.from_state(state["ledger"])
     strategy.batches_done = {int(k): int(v) for k, v in state["batches_done"].items()}
     strategy.history = list(state["history"])
-    strategy.set_sampler_state(state["sampler_state"])
+    strategy.sampler.set_state(state["sampler_state"])
     torch.set_rng_state(state["torch_rng"])
     if strategy.server.channel is not None and state.get("channel_rng") is not None:
         strategy.server.channel.load_state(state["channel_rng"])
     strategy.start_round = int(state["round"]) + 1
     strategy.global_step = int(state["global_step"])
     strategy.wall_offset = float(state["wall_time_s"])
+    strategy.stop_reason = str(state["stop_reason"])
 
 
 def run_experiment(
     grid: Grid, cfg: RunConfig, *, progress: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Run (or resume) ``cfg`` on ``grid``; returns the summary written to ``summary.json``."""
+    """Run (or resume) ``cfg`` on ``grid``; returns the summary written to ``summary.json``.
+
+    A directory holding another run is refused (:func:`run_state`), a damaged one too
+    (:func:`resumable_checkpoint`), both before anything is written; a finished run is not
+    redone; then the config is validated (:func:`validate_run`). A failure, at start-up or
+    later, writes a ``failed`` summary, Ctrl-C an ``interrupted`` one (both resumable), then
+    re-raises.
+    """
     run_dir = RunDir(cfg.run_dir)
-    if run_dir.is_finished():
-        progress(f"{run_dir.path} already finished; delete it or pick another run-name to rerun")
+    state = run_state(run_dir, cfg.to_run_config())
+    if state == FINISHED:
+        progress(f"{run_dir.path} already finished; move it away or pick another run-name")
         return run_dir.read_summary() or {}
-    previous = run_dir.read_config()
-    if previous is not None and previous != cfg.to_run_config():
-        raise ValueError(
-            f"{run_dir.path} holds a run with another config; pick another run-name or out-dir"
-        )
+    checkpoint = resumable_checkpoint(run_dir) if state == RESUME else None
+    if state == NEW:
+        run_dir.summary_path.unlink(missing_ok=True)  # a start-up failure's, if any
     run_dir.write_config(cfg.to_run_config())
-    strategy, arrays = build_strategy(cfg, run_dir=run_dir, progress=progress)
-    checkpoint = run_dir.load_checkpoint()
-    if checkpoint is not None:
-        restore(strategy, checkpoint)
-        run_dir.truncate_metrics_after(int(checkpoint["round"]))
-        arrays = state_to_record(modules_state(strategy.client_modules))
-        progress(f"resuming {run_dir.path} after round {checkpoint['round']}")
-    strategy.after_round = lambda rnd, _arrays: run_dir.save_checkpoint(
-        checkpoint_state(strategy, rnd)
-    )
-    progress(
-        f"run {cfg.resolved_run_name}: {cfg.method} (compression {cfg.compression:g}), "
-        f"{cfg.sl_mode}, model {cfg.model} split at {cfg.split_index}, dataset {cfg.dataset} "
-        f"({cfg.partitioner}), results in {run_dir.path}"
-    )
+    strategy = None
     started = time.perf_counter()
     try:
+        validate_run(cfg.to_run_config())  # a start-up failure leaves a failed summary
+        strategy, _ = build_strategy(cfg, run_dir=run_dir, progress=progress)
+        dropped = run_dir.truncate_metrics_after(int(checkpoint["round"]) if checkpoint else 0)
+        if checkpoint is not None:
+            restore(strategy, checkpoint)
+            progress(f"resuming {run_dir.path} after round {checkpoint['round']}")
+        if dropped:
+            progress(f"dropped {dropped} metric row(s) of the unfinished round (redone now)")
+        arrays = state_to_record(modules_state(strategy.client_modules))
+        strategy.after_round = lambda rnd, _arrays: run_dir.save_checkpoint(
+            checkpoint_state(strategy, rnd)
+        )
+        progress(
+            f"run {cfg.resolved_run_name}: {cfg.method} (compression {cfg.compression:g}), "
+            f"{cfg.sl_mode}, model {cfg.model} split at {cfg.split_index}, dataset "
+            f"{cfg.dataset} ({cfg.partitioner}), results in {run_dir.path}"
+        )
         strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds, timeout=cfg.step_timeout)
-    except Exception as exc:
-        summary = _summary(strategy, "failed", error=f"{type(exc).__name__}: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        status = "interrupted" if interrupted else "failed"
+        error = "interrupted (KeyboardInterrupt)" if interrupted else f"{type(exc).__name__}: {exc}"
+        if strategy is None:
+            summary = run_summary(status, [], Traffic(), None, error=error)
+        else:
+            summary = _summary(strategy, status, error=error)
         run_dir.write_summary(summary)
         run_dir.close()
-        progress(f"run failed: {summary['error']}")
-        traceback.print_exc()
+        progress(f"run {status}: {error}")
+        if not interrupted:
+            traceback.print_exc()
         raise
     summary = _summary(strategy, "completed", stop_reason=strategy.stop_reason)
     run_dir.write_summary(summary)
@@ -170,22 +190,77 @@ def run_experiment(
     return summary
 
 
-def _summary(strategy: SplitLearningStrategy, status: str, **extra: Any) -> dict[str, Any]:
-    last = strategy.history[-1] if strategy.history else {}
+def resumable_checkpoint(run_dir: RunDir) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: start from round 1), once metrics.csv is checked
+    to still hold every row the checkpoint saw written. Raises :class:`RunDirError`, before
+    anything is rewritten, when a file is damaged or rows are missing."""
+    checkpoint = run_dir.load_checkpoint()
+    if checkpoint is None:
+        return None
+    rounds_done = int(checkpoint["round"])
+    expected = int(checkpoint["metrics_rows"])
+    if (found := run_dir.metric_rows(up_to_round=rounds_done)) != expected:
+        raise RunDirError(
+            f"{run_dir.metrics_path} holds {found} complete rows of rounds 1-{rounds_done}, "
+            f"but {expected} had been written when checkpoint.pt was taken: it was truncated "
+            "or edited. Restore it, or move the run directory away to start over"
+        )
+    return checkpoint
+
+
+def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[str, Any]:
+    """A summary for a run stopped from outside (its process is gone): what the last
+    checkpoint knew. ``scripts/flwr_run.sh`` writes it when it is interrupted."""
+    checkpoint = run_dir.load_checkpoint()
+    if checkpoint is None:
+        return run_summary(status, [], Traffic(), None, error=error)
+    return run_summary(
+        status,
+        list(checkpoint["history"]),
+        TrafficLedger.from_state(checkpoint["ledger"]).total(),
+        float(checkpoint["wall_time_s"]),
+        error=error,
+    )
+
+
+def run_summary(
+    status: str,
+    history: list[dict[str, Any]],
+    total: Traffic,
+    wall_time_s: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one summary layout: ``rounds`` are the rounds that ran (``history``, a failed
+    round included), bytes everything sent, ``drops`` per reason over those rounds."""
+    last = history[-1] if history else {}
     return make_summary(
         status,
-        test_accuracy=last.get("test_accuracy", float("nan")),
-        test_loss=last.get("test_loss", float("nan")),
-        rounds=len(strategy.history),
-        wall_time_s=strategy.elapsed(),
-        history=strategy.history,
+        test_accuracy=last.get("test_accuracy"),
+        test_loss=last.get("test_loss"),
+        rounds=len(history),
+        wall_time_s=wall_time_s,
+        history=history,
         drops={
-            reason: sum(int(row.get(f"dropped_{reason}", 0)) for row in strategy.history)
+            reason: sum(int(row.get(f"dropped_{reason}", 0)) for row in history)
             for reason in DROP_REASONS
         },
-        **strategy.ledger.total().as_dict(),
+        **total.as_dict(),
         **extra,
     )
 
 
-__all__ = ["build_strategy", "checkpoint_state", "restore", "run_experiment"]
+def _summary(strategy: SplitLearningStrategy, status: str, **extra: Any) -> dict[str, Any]:
+    return run_summary(
+        status, strategy.history, strategy.ledger.total(), strategy.elapsed(), **extra
+    )
+
+
+__all__ = [
+    "build_strategy",
+    "checkpoint_state",
+    "restore",
+    "resumable_checkpoint",
+    "run_experiment",
+    "run_summary",
+    "summary_from_checkpoint",
+]

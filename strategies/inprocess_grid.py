@@ -102,13 +102,6 @@ class InProcessGrid(Grid):
         self._rng.shuffle(nodes)
         return nodes
 
-    def node_of_partition(self, partition_id: int) -> int:
-        """The node id holding ``partition_id`` (for tests)."""
-        for node_id, context in self.contexts.items():
-            if context.node_config["partition-id"] == partition_id:
-                return node_id
-        raise KeyError(partition_id)
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:

@@ -1,21 +1,25 @@
 """What a round did, told truthfully (DESIGN.md section 7).
 
 Every sampled client ends a round in one of a few outcomes: finished, or dropped for a reason
-(``error``, ``timeout``). A round with fewer finished clients than ``min-clients`` fails the
-run with a message that says which clients and why; a failure shared by many clients is
-told once with its message, not once per client.
+(``error``: it raised; ``timeout``: no reply in time; ``unavailable``: drawn, but its node was
+gone or still owed a reply from an earlier round). A round with fewer finished clients than
+``min-clients`` fails the run with a message that says which clients and why; a failure
+shared by many clients is told once with its message, not once per client.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import Message
 
-from strategies.transport import ERROR, TIMEOUT, Failure
+from adc_flwr.accounting import Traffic
+from strategies.transport import ERROR, TIMEOUT, UNAVAILABLE, Failure
 
-DROP_REASONS = (ERROR, TIMEOUT)
+DROP_REASONS = (ERROR, TIMEOUT, UNAVAILABLE)
 MAX_LISTED = 8  # partition ids listed per failure group before "and N more"
 
 
@@ -39,21 +43,38 @@ class RoundOutcome:
         counts = collections.Counter(f.reason for f in self.failures.values())
         return {reason: counts.get(reason, 0) for reason in DROP_REASONS}
 
+    def row(self, server_round: int, acc: float, loss: float, total: Traffic) -> dict[str, float]:
+        """This round's line of ``history``: accuracy, MB so far, who finished, who dropped."""
+        return {
+            "round": server_round,
+            "test_accuracy": acc,
+            "test_loss": loss,
+            "train_loss": float(np.mean(self.losses)) if self.losses else math.nan,
+            "mb_up": total.up / 1e6,
+            "mb_down": total.down / 1e6,
+            "mb_model_sync": total.bytes_model_sync / 1e6,
+            "compression_ratio": total.compression_ratio,
+            "sampled": len(self.sampled),
+            "clients": len(self.finished),
+            "not_started": len(self.not_started),
+            **{f"dropped_{reason}": n for reason, n in self.drop_counts().items()},
+        }
+
     def required(self, min_clients: int) -> int:
-        """Finished clients this round needs: ``min-clients``, or fewer when the budget ran
-        out before every sampled client could start (vanilla), but at least one."""
-        started = len(self.sampled) - len(self.not_started)
-        return max(1, min(min_clients, started))
+        """Finished clients this round needs: ``min-clients``, lowered only when the budget
+        ran out before every sampled client could start (vanilla), but at least one."""
+        return max(1, min(min_clients, len(self.sampled) - len(self.not_started)))
 
     def check(self, server_round: int, min_clients: int) -> None:
         """Raise :class:`RoundFailed` when too few clients finished, saying why."""
         need = self.required(min_clients)
         if len(self.finished) >= need:
             return
+        budget = f" (the budget left {len(self.not_started)} unstarted)" if self.not_started else ""
         raise RoundFailed(
             f"round {server_round}: {len(self.finished)} of {len(self.sampled)} sampled "
-            f"client(s) finished, fewer than min-clients={need}. "
-            + describe_failures(self.failures)
+            f"client(s) finished, fewer than the {need} required by min-clients="
+            f"{min_clients}{budget}. " + describe_failures(self.failures)
         )
 
 
@@ -72,3 +93,20 @@ def describe_failures(failures: dict[int, Failure]) -> str:
         who = f"partition {listed}" if len(partitions) == 1 else f"partitions {listed}"
         parts.append(f"{reason} on {len(partitions)} client(s) ({who}): {detail}")
     return "; ".join(parts)
+
+
+def round_line(row: dict[str, float], num_rounds: int) -> str:
+    """The progress line of one ``history`` row: ``clients 3/4 (1 error)`` and the rest."""
+    dropped = ", ".join(
+        [f"{int(row[f'dropped_{r}'])} {r}" for r in DROP_REASONS if row[f"dropped_{r}"]]
+        + ([f"{int(row['not_started'])} not started"] if row["not_started"] else [])
+    )
+    return (
+        f"round {int(row['round']):>3}/{num_rounds} | acc {row['test_accuracy']:.4f} | "
+        f"test loss {row['test_loss']:.4f} | train loss {row['train_loss']:.4f} | "
+        f"up {row['mb_up']:.1f} MB | down {row['mb_down']:.1f} MB | "
+        f"sync {row['mb_model_sync']:.1f} MB | compression {row['compression_ratio']:.4f} | "
+        f"clients {row['clients']}/{row['sampled']}"
+        + (f" ({dropped})" if dropped else "")
+        + f" | {row['wall_time_s']:.1f} s"
+    )

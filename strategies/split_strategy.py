@@ -16,12 +16,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -39,8 +37,9 @@ from adc_flwr.config import RunConfig
 from adc_flwr.data import ImageSplit
 from adc_flwr.results import RunDir
 from adc_flwr.training import InputSpec, ServerWorker, evaluate, load_modules_state
-from strategies.outcomes import RoundOutcome, describe_failures
-from strategies.transport import Transport, discover_partitions
+from strategies.outcomes import RoundOutcome, describe_failures, round_line
+from strategies.sampling import PartitionSampler
+from strategies.transport import UNAVAILABLE, Failure, Transport
 
 log = logging.getLogger("adc_flwr")
 
@@ -100,17 +99,16 @@ class SplitLearningStrategy(Strategy):
         self.progress = progress
         self.ledger = TrafficLedger()
         self.batches_done: dict[int, int] = {}  # partition id -> batches consumed so far
-        self.nodes: dict[int, int] = {}  # partition id -> node id holding it
+        self.sampler = PartitionSampler(cfg, progress)
         self.history: list[dict[str, float]] = []
-        self.settle_s = 1.0
         self.stop_reason = "num-server-rounds"
         self.start_round = 1
         self.global_step = 0
         self.wall_offset = 0.0
         self.timeout = cfg.step_timeout
+        self.started: set[int] = set()  # partitions started in this process (warm)
         self.transport: Transport | None = None
         self._wall_start = time.perf_counter()
-        self._rng = random.Random(cfg.seed)
         self._probe_modules: dict[str, torch.nn.Module] | None = None
 
     # ---- Flower Strategy interface ------------------------------------------------------
@@ -120,9 +118,11 @@ class SplitLearningStrategy(Strategy):
     ) -> Iterable[Message]:
         """``train.start`` for each sampled partition's node: the global front, the round
         config (``config`` entries are added) and that client's own data cursor."""
+        picks, unavailable = self.sample(grid)
         return [
             self.start_message(server_round, arrays, partition, config)
-            for partition in self.sample(grid)
+            for partition in picks
+            if partition not in unavailable
         ]
 
     def aggregate_train(
@@ -157,68 +157,14 @@ class SplitLearningStrategy(Strategy):
             self.cfg.local_steps or "one epoch of",
         )
 
-    # ---- nodes and sampling -------------------------------------------------------------
+    # ---- sampling ---------------------------------------------------------------------
 
-    def wait_for_nodes(self, grid: Grid, timeout: float = 120.0) -> list[int]:
-        """Registered node ids, once at least ``min-nodes`` are there and the count has
-        stopped changing for ``settle_s`` (SuperNodes may still be registering at t=0)."""
-        deadline = time.monotonic() + timeout
-        nodes: list[int] = []
-        stable_since = time.monotonic()
-        while True:
-            current = sorted(grid.get_node_ids())
-            if current != nodes:
-                nodes, stable_since = current, time.monotonic()
-            enough = len(nodes) >= self.cfg.min_nodes
-            if enough and time.monotonic() - stable_since >= self.settle_s:
-                self.settle_s = 0.0  # settle once per run
-                return nodes
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(nodes)} of min-nodes={self.cfg.min_nodes} SuperNodes registered "
-                    f"within {timeout:.0f} s"
-                )
-            time.sleep(0.1)
-
-    def partitions(self, grid: Grid) -> list[int]:
-        """Partition ids held by registered nodes; new nodes are asked which they hold."""
-        registered = self.wait_for_nodes(grid)
-        transport = self._transport(grid)
-        known = set(self.nodes.values())
-        unknown = [n for n in registered if n not in known and n not in transport.busy_nodes()]
-        if unknown:
-            started = time.perf_counter()
-            found, silent = discover_partitions(transport, unknown, self.timeout)
-            self.nodes.update(found)
-            self.progress(
-                f"{len(found)} node(s) hold partitions {_ranges(sorted(found))} "
-                f"(asked in {time.perf_counter() - started:.1f} s)"
-                + (f"; {len(silent)} did not answer" if silent else "")
-            )
-        alive = set(registered)
-        return sorted(p for p, node in self.nodes.items() if node in alive)
-
-    def sample(self, grid: Grid) -> list[int]:
-        """``fraction-train`` of the partitions (at least one), drawn with the seeded sampler
-        from those whose node owes no reply, in ascending order."""
-        partitions = self.partitions(grid)
-        if not partitions:
-            raise RuntimeError("no SuperNode answered which data partition it holds")
-        count = max(1, round(self.cfg.fraction_train * len(partitions)))
-        if count < self.cfg.min_clients:
-            raise RuntimeError(
-                f"fraction-train={self.cfg.fraction_train:g} of {len(partitions)} partitions "
-                f"samples {count} client(s) a round, fewer than min-clients="
-                f"{self.cfg.min_clients}; raise fraction-train or lower min-clients"
-            )
-        busy = self._transport(grid).busy_nodes()
-        free = [p for p in partitions if self.nodes[p] not in busy]
-        return sorted(self._rng.sample(free, min(count, len(free))))
-
-    def _transport(self, grid: Grid) -> Transport:
+    def sample(self, grid: Grid) -> tuple[list[int], dict[int, str]]:
+        """This round's partitions and those that cannot train (see
+        :meth:`PartitionSampler.sample`); each call draws once from the seeded generator."""
         if self.transport is None or self.transport.grid is not grid:
             self.transport = Transport(grid)
-        return self.transport
+        return self.sampler.sample(self.transport)
 
     # ---- the split-learning loop --------------------------------------------------------
 
@@ -251,6 +197,9 @@ class SplitLearningStrategy(Strategy):
         if evaluate_fn is not None and self.start_round == 1:
             self._record_evaluate_fn(result, evaluate_fn, 0, arrays)
         for server_round in range(self.start_round, num_rounds + 1):
+            if self.budget_spent():  # the last round's front uploads crossed it
+                self.stop_reason = "budget-mb"
+                break
             outcome, new_arrays = self.run_round(grid, server_round, arrays, train_config)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -269,9 +218,10 @@ class SplitLearningStrategy(Strategy):
             if evaluate_fn is not None:
                 self._record_evaluate_fn(result, evaluate_fn, server_round, arrays)
             outcome.check(server_round, self.cfg.min_clients)
-            self.after_round(server_round, arrays)
             if outcome.budget_hit:
                 self.stop_reason = "budget-mb"
+            self.after_round(server_round, arrays)
+            if outcome.budget_hit:
                 break
         return result
 
@@ -287,19 +237,25 @@ class SplitLearningStrategy(Strategy):
     ) -> tuple[RoundOutcome, ArrayRecord | None]:
         """One round: SplitFed trains the sampled clients in parallel and averages their
         fronts; vanilla SL trains them one after another, relaying the front."""
-        outcome = RoundOutcome(sampled=self.sample(grid))
+        picks, unavailable = self.sample(grid)
+        outcome = RoundOutcome(sampled=picks)
+        outcome.failures |= {p: Failure(UNAVAILABLE, why) for p, why in unavailable.items()}
+        if unavailable:
+            self.progress(f"  unavailable: {describe_failures(outcome.failures)}")
+        ready = [p for p in picks if p not in unavailable]
         if self.cfg.sl_mode == "splitfed":
-            self.train_clients(server_round, arrays, outcome.sampled, outcome, train_config)
+            self.train_clients(server_round, arrays, ready, outcome, train_config)
             # sum in partition order, not arrival order: float sums then repeat bit for bit
             finished = [outcome.finished[p] for p in sorted(outcome.finished)]
             new_arrays, _ = self.aggregate_train(server_round, finished)
             return outcome, new_arrays
         current = arrays
-        for i, partition in enumerate(outcome.sampled):
+        for i, partition in enumerate(ready):
             if outcome.budget_hit:
-                outcome.not_started = outcome.sampled[i:]
+                outcome.not_started = ready[i:]
                 break
-            self.train_clients(server_round, current, [partition], outcome, train_config)
+            last_turn = i == len(ready) - 1
+            self.train_clients(server_round, current, [partition], outcome, train_config, last_turn)
             if partition in outcome.finished:
                 current = outcome.finished[partition].content["front"]
         return outcome, (current if outcome.finished else None)
@@ -311,24 +267,37 @@ class SplitLearningStrategy(Strategy):
         partitions: list[int],
         outcome: RoundOutcome,
         train_config: ConfigRecord | None = None,
+        last_turn: bool = True,
     ) -> None:
-        """Split-learning steps with ``partitions`` until each has done its steps."""
+        """Split-learning steps with ``partitions`` until each has done its steps.
+
+        ``last_turn``: no other client trains after these this round (vanilla: the last
+        client's turn), so their last step ends the round.
+        """
         sync = Traffic.of_model_sync(arrays)
         starts = {p: self.start_message(server_round, arrays, p, train_config) for p in partitions}
-        active: dict[int, ClientRound] = {}
-        for partition, reply in self.exchange(starts, outcome).items():
-            steps = self.cfg.local_steps or int(reply.content["metrics"]["steps-per-epoch"])
-            node = self.nodes[partition]
-            active[partition] = ClientRound(node, partition, steps, reply.content["packet"])
+        for partition in partitions:  # the front went on the wire, answered or not
             self.ledger.add(server_round, partition, sync)
+        # a client's first message in this process loads its data and builds the model
+        cold = not self.started.issuperset(partitions)
+        timeout = max(self.timeout, self.cfg.start_timeout) if cold else self.timeout
+        self.started.update(partitions)
+        active: dict[int, ClientRound] = {}
+        for partition, reply in self.exchange(starts, outcome, timeout).items():
+            steps = self.cfg.local_steps or int(reply.content["metrics"]["steps-per-epoch"])
+            node = self.sampler.nodes[partition]
+            active[partition] = ClientRound(node, partition, steps, reply.content["packet"])
         while active:
             loss, grads = self.server_step(server_round, active)
             outcome.losses.append(loss)
             for partition, record in grads.items():
                 self.ledger.add(server_round, partition, Traffic.of_grads(record))
             outcome.budget_hit |= self.budget_spent()
-            probe = self.evaluation_due(self.global_step + 1) and not all(
-                c.on_last_step for c in active.values()
+            ends_round = last_turn and all(c.on_last_step for c in active.values())
+            probe = (
+                self.evaluation_due(self.global_step + 1)
+                and not ends_round
+                and not outcome.budget_hit
             )
             messages = {
                 p: self.step_message(server_round, active[p], grads[p], outcome.budget_hit, probe)
@@ -337,6 +306,7 @@ class SplitLearningStrategy(Strategy):
             replies = self.exchange(messages, outcome)
             self.global_step += 1
             self._record_step(server_round, loss)
+            stepped: dict[int, tuple[Message, int]] = {}
             for partition, client in list(active.items()):
                 reply = replies.get(partition)
                 if reply is None:
@@ -345,6 +315,7 @@ class SplitLearningStrategy(Strategy):
                 self.batches_done[partition] = self.batches_done.get(partition, 0) + 1
                 client.step += 1
                 client.examples = int(reply.content["metrics"]["num-examples"])
+                stepped[partition] = (reply, client.examples)
                 if "packet" in reply.content:
                     client.packet = reply.content["packet"]
                 else:  # its last step: the reply carries its trained front
@@ -354,7 +325,7 @@ class SplitLearningStrategy(Strategy):
                     )
                     outcome.finished[partition] = reply
             if probe:
-                self._evaluate_probe(server_round, replies, active, outcome)
+                self._evaluate_probe(server_round, stepped, outcome)
 
     def server_step(
         self, server_round: int, active: dict[int, ClientRound]
@@ -407,7 +378,7 @@ class SplitLearningStrategy(Strategy):
         )
         return Message(
             RecordDict({"front": arrays, "config": config}),
-            dst_node_id=self.nodes[partition],
+            dst_node_id=self.sampler.nodes[partition],
             message_type="train.start",
             group_id=str(server_round),
         )
@@ -417,9 +388,7 @@ class SplitLearningStrategy(Strategy):
     ) -> Message:
         """``train.step``: gradients of the packet in flight; ``last`` asks for the front
         instead of a next packet, ``probe`` for the front beside it (evaluation only)."""
-        config = ConfigRecord(
-            {"step": client.step + 1, "last": last or client.on_last_step, "probe": probe}
-        )
+        config = ConfigRecord({"last": last or client.on_last_step, "probe": probe})
         return Message(
             RecordDict({"grads": grads, "config": config}),
             dst_node_id=client.node_id,
@@ -427,13 +396,15 @@ class SplitLearningStrategy(Strategy):
             group_id=str(server_round),
         )
 
-    def exchange(self, messages: dict[int, Message], outcome: RoundOutcome) -> dict[int, Message]:
+    def exchange(
+        self, messages: dict[int, Message], outcome: RoundOutcome, timeout: float | None = None
+    ) -> dict[int, Message]:
         """Send one message per partition; replies by partition, failures into ``outcome``."""
         if not messages:
             return {}
         partition_of = {m.metadata.dst_node_id: p for p, m in messages.items()}
         assert self.transport is not None  # set by sample()
-        result = self.transport.exchange(list(messages.values()), self.timeout)
+        result = self.transport.exchange(list(messages.values()), timeout or self.timeout)
         failed = {partition_of[node]: f for node, f in result.failures.items()}
         if failed:
             outcome.failures.update(failed)
@@ -446,27 +417,21 @@ class SplitLearningStrategy(Strategy):
         return bool(self.cfg.eval_every) and global_step % self.cfg.eval_every == 0
 
     def _evaluate_probe(
-        self,
-        server_round: int,
-        replies: dict[int, Message],
-        active: dict[int, ClientRound],
-        outcome: RoundOutcome,
+        self, server_round: int, stepped: dict[int, tuple[Message, int]], outcome: RoundOutcome
     ) -> None:
         """Mid-round evaluation of the model that exists now: the current back with the
-        average of the clients' current fronts (SplitFed: the active ones and those that
-        already finished this round; vanilla: the active client's)."""
-        fronts = [
-            RecordDict(
-                {
-                    "front": replies[p].content["front"],
-                    "metrics": MetricRecord({"num-examples": active[p].examples}),
-                }
-            )
-            for p in sorted(active)
-            if p in replies
-        ]
+        average, weighted by examples trained this round, of the clients' current fronts
+        (SplitFed: those of this step and of the clients that already finished the round;
+        vanilla: the client whose turn it is, or whose turn just ended)."""
+        current = {p: (reply.content["front"], n) for p, (reply, n) in stepped.items()}
         if self.cfg.sl_mode == "splitfed":
-            fronts += [outcome.finished[p].content for p in sorted(outcome.finished)]
+            for partition, reply in outcome.finished.items():
+                examples = int(reply.content["metrics"]["num-examples"])
+                current.setdefault(partition, (reply.content["front"], examples))
+        fronts = [
+            RecordDict({"front": front, "metrics": MetricRecord({"num-examples": n})})
+            for _, (front, n) in sorted(current.items())
+        ]
         if not fronts:
             return
         if self._probe_modules is None:
@@ -504,37 +469,12 @@ class SplitLearningStrategy(Strategy):
     def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> dict[str, float]:
         """Central evaluation of the global front + back, then one progress line."""
         acc, loss = self._evaluate(server_round, self.client_modules)
-        total = self.ledger.total()
-        train_loss = float(np.mean(outcome.losses)) if outcome.losses else math.nan
-        drops = outcome.drop_counts()
-        row = {
-            "round": server_round,
-            "test_accuracy": acc,
-            "test_loss": loss,
-            "train_loss": train_loss,
-            "mb_up": total.up / 1e6,
-            "mb_down": total.down / 1e6,
-            "mb_model_sync": total.bytes_model_sync / 1e6,
-            "compression_ratio": total.compression_ratio,
-            "sampled": len(outcome.sampled),
-            "clients": len(outcome.finished),
-            **{f"dropped_{reason}": n for reason, n in drops.items()},
-            "steps": self.global_step,
-            "wall_time_s": self.elapsed(),
-        }
+        row = outcome.row(server_round, acc, loss, self.ledger.total())
+        row |= {"steps": self.global_step, "wall_time_s": self.elapsed()}
         self.history.append(row)
         if self.run_dir is not None:
             self.run_dir.flush()
-        dropped = ", ".join(f"{n} {reason}" for reason, n in drops.items() if n)
-        self.progress(
-            f"round {server_round:>3}/{self.cfg.num_server_rounds} | acc {acc:.4f} | "
-            f"test loss {loss:.4f} | train loss {train_loss:.4f} | "
-            f"up {row['mb_up']:.1f} MB | down {row['mb_down']:.1f} MB | "
-            f"sync {row['mb_model_sync']:.1f} MB | compression {row['compression_ratio']:.4f} | "
-            f"clients {row['clients']}/{row['sampled']}"
-            + (f" ({dropped})" if dropped else "")
-            + f" | {row['wall_time_s']:.1f} s"
-        )
+        self.progress(round_line(row, self.cfg.num_server_rounds))
         return row
 
     def _record_evaluate_fn(
@@ -565,25 +505,6 @@ class SplitLearningStrategy(Strategy):
 
     # ---- checkpoint support -------------------------------------------------------------
 
-    def sampler_state(self) -> tuple:
-        """State of the client sampler's RNG (for checkpoints)."""
-        return self._rng.getstate()
-
-    def set_sampler_state(self, state: list | tuple) -> None:
-        version, internal, gauss = state
-        self._rng.setstate((version, tuple(internal), gauss))
-
     def elapsed(self) -> float:
         """Wall seconds of this run, earlier runs of a resumed run included."""
         return self.wall_offset + time.perf_counter() - self._wall_start
-
-
-def _ranges(values: list[int]) -> str:
-    """``0-3, 7, 9-10`` for sorted ints: a short description of many partition ids."""
-    parts: list[str] = []
-    for value in values:
-        if parts and value == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{value}"
-        else:
-            parts.append(str(value))
-    return ", ".join(parts) or "none"

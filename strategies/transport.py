@@ -26,6 +26,7 @@ DISCOVERY_BATCH = 64
 
 ERROR = "error"
 TIMEOUT = "timeout"
+UNAVAILABLE = "unavailable"
 
 
 @dataclass
@@ -70,8 +71,13 @@ class Transport:
         if busy := self.busy_nodes() & set(targets):
             raise ValueError(f"node(s) {sorted(busy)} still owe a reply; message them later")
         ids = list(self.grid.push_messages(messages))
-        node_of = dict(zip(ids, targets, strict=True))
-        pending = set(ids)
+        node_of = {}
+        for message_id, node in zip(ids, targets, strict=False):
+            if message_id:
+                node_of[message_id] = node
+            else:  # the grid refused it: the node is gone
+                result.failures[node] = Failure(ERROR, "the grid could not deliver the message")
+        pending = set(node_of)
         deadline = time.monotonic() + timeout
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
@@ -95,14 +101,16 @@ class Transport:
 
 def discover_partitions(
     transport: Transport, node_ids: Iterable[int], timeout: float, batch: int = DISCOVERY_BATCH
-) -> tuple[dict[int, int], dict[int, Failure]]:
+) -> tuple[dict[int, int], int, dict[int, Failure]]:
     """Ask each node which partition it holds (``query.info``), ``batch`` nodes at a time.
 
-    Returns ``{partition id: node id}`` and the nodes that did not answer. Two nodes that
-    claim one partition are an error: their data would be trained twice.
+    Returns ``{partition id: node id}``, the number of partitions the nodes report (0 when
+    none answered) and the nodes that did not answer. Two nodes that claim one partition
+    are an error: their data would be trained twice.
     """
     holders: dict[int, int] = {}
     failures: dict[int, Failure] = {}
+    num_partitions = 0
     nodes = list(node_ids)
     for start in range(0, len(nodes), batch):
         messages = [
@@ -112,10 +120,12 @@ def discover_partitions(
         result = transport.exchange(messages, timeout)
         failures.update(result.failures)
         for node, reply in result.replies.items():
-            partition = int(reply.content["info"]["partition-id"])
+            info = reply.content["info"]
+            partition = int(info["partition-id"])
+            num_partitions = max(num_partitions, int(info["num-partitions"]))
             if partition in holders:
                 raise RuntimeError(
                     f"nodes {holders[partition]} and {node} both hold partition {partition}"
                 )
             holders[partition] = node
-    return holders, failures
+    return holders, num_partitions, failures

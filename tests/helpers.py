@@ -55,7 +55,7 @@ def train_in_process(
     strategy, arrays = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     if before_start is not None:
         before_start(strategy)
-    strategy.settle_s = 0.0
+    strategy.sampler.settle_s = 0.0
     strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds, timeout=cfg.step_timeout)
     return strategy, grid
 

@@ -12,7 +12,6 @@ import torch
 from flwr.app import Message
 
 from adc_flwr.training import ClientWorker
-from clients.client_app import load_tensors
 from clients.setup import client_setup
 from helpers import run_server_app, tiny_config
 from strategies.split_strategy import SplitLearningStrategy
@@ -56,7 +55,7 @@ def test_vanilla_over_three_nodes_trains_three_clients_a_round(
     assert summary["status"] == "completed"
     assert [(h["sampled"], h["clients"]) for h in summary["history"]] == [(3, 3), (3, 3)]
     assert {r: sorted(p) for r, p in log.per_round().items()} == {1: [0, 1, 2], 2: [0, 1, 2]}
-    assert summary["drops"] == {"error": 0, "timeout": 0}
+    assert summary["drops"] == {"error": 0, "timeout": 0, "unavailable": 0}
 
 
 def test_fraction_train_half_of_four_nodes_trains_two(
@@ -110,39 +109,36 @@ def test_seeded_sampling_repeats_under_other_node_ids(
 def test_eval_every_evaluates_the_clients_current_fronts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """A mid-round evaluation sees the average of the clients' fronts as they stand (by
-    their examples), with the back as it stands: a model that exists."""
+    """A mid-round evaluation sees a model that exists: the clients' fronts as they stand
+    after the step (SplitFed: their average by examples; vanilla: the client whose turn it
+    is, also at the end of its turn), with the back as it stands."""
     cfg = tiny_config(tmp_path, sl_mode=mode, local_steps=4, eval_every=2)
-    seen: list[dict[str, torch.Tensor]] = []
-    grids = []
+    latest: dict[int, dict[str, torch.Tensor]] = {}  # partition -> front after its last step
+    called: list[int] = []
+    real_apply = ClientWorker.apply_grads
+
+    def apply_grads(worker: ClientWorker, *args, **kwargs):
+        real_apply(worker, *args, **kwargs)
+        latest[called[-1]] = {k: v.clone() for k, v in worker.front_state().items()}
+
+    monkeypatch.setattr(ClientWorker, "apply_grads", apply_grads)
+    probes: list[int] = []
     real_evaluate = SplitLearningStrategy._evaluate
 
     def capture(self, server_round, modules):
         if modules is not self.client_modules:  # a mid-round probe
-            grid = grids[0]
-            fronts = []
-            for context in grid.contexts.values():
-                if "pending" in context.state:  # mid-round: a packet in flight
-                    fronts.append(load_tensors(context, "front"))
-            average = {k: torch.stack([f[k] for f in fronts]).mean(0) for k in fronts[0]}
+            if mode == "splitfed":
+                expected = {k: (latest[0][k] + latest[1][k]) / 2 for k in latest[0]}
+            else:
+                expected = latest[called[-1]]
             for name, value in modules["front"].state_dict().items():
-                torch.testing.assert_close(value, average[f"front.{name}"], atol=1e-6, rtol=0)
-            seen.append({"clients": torch.tensor(len(fronts))})
+                torch.testing.assert_close(value, expected[f"front.{name}"], atol=1e-6, rtol=0)
+            probes.append(self.global_step)
         return real_evaluate(self, server_round, modules)
 
     monkeypatch.setattr(SplitLearningStrategy, "_evaluate", capture)
-    from strategies import inprocess_grid
-
-    real_init = inprocess_grid.InProcessGrid.__init__
-
-    def keep(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        grids.append(self)
-
-    monkeypatch.setattr(inprocess_grid.InProcessGrid, "__init__", keep)
-    summary, _ = run_server_app(cfg, 2, seed=4)
+    summary, _ = run_server_app(cfg, 2, seed=4, before_call=lambda pid, _m: called.append(pid))
     assert summary["status"] == "completed"
-    # splitfed: 4 steps, probe after step 2 (2 clients mid-round); vanilla: 8 steps, probes
-    # after steps 2 and 6 (one client each; step 4 ends a turn and relays the front)
-    expected = [2] if mode == "splitfed" else [1, 1]
-    assert [int(s["clients"]) for s in seen] == expected
+    # splitfed: 4 steps, probe after step 2 (step 4 ends the round, which is evaluated);
+    # vanilla: 8 steps, probes after 2, 4 (the end of the first turn) and 6
+    assert probes == ([2] if mode == "splitfed" else [2, 4, 6])

@@ -23,12 +23,13 @@ from adc_flwr.results import RunDir
 from adc_flwr.training import InputSpec, build_model
 from clients import client_app as client_module
 from clients.client_app import load_tensors
-from clients.setup import client_setup
+from clients.setup import ClientSetup, client_setup
 from helpers import tiny_config, train_in_process
 from strategies import experiment
 from strategies.experiment import build_strategy, run_experiment
 from strategies.inprocess_grid import InProcessGrid, set_task_identity
 from strategies.outcomes import RoundFailed
+from strategies.transport import Transport
 
 
 def run(cfg: RunConfig, nodes: int, **grid_kwargs: object) -> tuple[dict, InProcessGrid]:
@@ -86,13 +87,34 @@ def test_adc_recompute_is_bit_exact(tmp_path: Path) -> None:
 
 def test_state_survives_messages_and_rounds(tmp_path: Path) -> None:
     """Front weights and Adam moments live in context.state across steps and rounds."""
-    cfg = tiny_config(tmp_path, method="adc", num_server_rounds=2)
+    cfg = tiny_config(tmp_path, method="adc", num_server_rounds=2, client_optimizer="keep")
     _, grid = train_in_process(cfg, nodes=2)
     for context in grid.contexts.values():
         optim = load_tensors(context, "optim")
         steps = {int(v) for k, v in optim.items() if k.endswith(".step")}
         assert steps == {2 * cfg.local_steps}  # Adam's step counter ran on over both rounds
-        assert "pending" not in context.state  # nothing left in flight after the last step
+        # between rounds a client keeps its moments only: never the front the server resends
+        assert set(context.state) == {"optim", "optim.layout"}
+
+
+def test_client_optimizer_reset_keeps_nothing_between_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(tmp_path, method="adc", num_server_rounds=2)
+    assert cfg.client_optimizer == "reset"  # the default
+    started_with: list[bool] = []
+    real_worker = ClientSetup.worker
+
+    def worker(self, front_state, optimizer_state):
+        started_with.append(optimizer_state is None)
+        return real_worker(self, front_state, optimizer_state)
+
+    monkeypatch.setattr(ClientSetup, "worker", worker)
+    _, grid = train_in_process(cfg, nodes=2)
+    for context in grid.contexts.values():
+        assert len(context.state) == 0
+    # each train.start builds a fresh optimizer; each train.step restores the round's moments
+    assert started_with.count(True) == 2 * 2
 
 
 def test_fedavg_of_fronts_matches_hand_computation(tmp_path: Path) -> None:
@@ -149,17 +171,18 @@ def test_failing_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
     assert summary["status"] == "completed"
     assert [h["clients"] for h in summary["history"]] == [2, 2]
     assert [h["sampled"] for h in summary["history"]] == [3, 3]
-    assert summary["drops"] == {"error": 2, "timeout": 0}
+    assert summary["drops"] == {"error": 2, "timeout": 0, "unavailable": 0}
 
 
 def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, step_timeout=0.05, num_server_rounds=2)
+    cfg = tiny_config(tmp_path, step_timeout=0.05, start_timeout=0.05, num_server_rounds=2)
     summary, grid = run(cfg, nodes=2, silent_nodes={0})
     assert summary["status"] == "completed"
     assert [h["clients"] for h in summary["history"]] == [1, 1]
-    # round 2 does not sample partition 0: its node still owes the reply to round 1's start
-    assert [h["sampled"] for h in summary["history"]] == [2, 1]
-    assert summary["drops"] == {"error": 0, "timeout": 1}
+    # round 2 draws partition 0 again, but its node still owes the reply to round 1's start:
+    # it is not messaged, and counts as unavailable
+    assert [h["sampled"] for h in summary["history"]] == [2, 2]
+    assert summary["drops"] == {"error": 0, "timeout": 1, "unavailable": 1}
     # 2 info queries; partition 0 got its first start message only
     assert grid.messages_sent == 2 + (1 + (1 + cfg.local_steps)) + (1 + cfg.local_steps)
 
@@ -174,20 +197,41 @@ def test_run_where_every_client_fails_is_failed_with_the_error_once(tmp_path: Pa
     with pytest.raises(RoundFailed) as raised:
         run(cfg, nodes=4, before_call=fail_all)
     message = str(raised.value)
-    assert "0 of 4 sampled client(s) finished" in message
+    assert "0 of 4 sampled client(s) finished, fewer than the 1 required" in message
     assert message.count("disk full") == 1  # one error, told once, with the partitions
     assert "partitions 0, 1, 2, 3" in message
     summary = RunDir(cfg.run_dir).read_summary()
     assert summary["status"] == "failed" and "disk full" in summary["error"]
-    assert summary["rounds"] == 1 and summary["drops"] == {"error": 4, "timeout": 0}
+    assert summary["rounds"] == 1
+    assert summary["drops"] == {"error": 4, "timeout": 0, "unavailable": 0}
     assert RunDir(cfg.run_dir).load_checkpoint() is None  # a failed round is not checkpointed
 
 
 def test_every_client_timing_out_fails_the_run(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, step_timeout=0.001)
+    cfg = tiny_config(tmp_path, step_timeout=0.001, start_timeout=0.001)
     with pytest.raises(RoundFailed, match="timeout on 2 client"):
         run(cfg, nodes=2, silent_nodes={0, 1})
     assert RunDir(cfg.run_dir).read_summary()["status"] == "failed"
+
+
+def test_first_exchange_gets_start_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading data and building the model on a client's first message may take far longer
+    than a step: the start of the first round waits start-timeout, later steps step-timeout."""
+    cfg = tiny_config(tmp_path, step_timeout=0.5, start_timeout=30.0, num_server_rounds=2)
+    waited: list[tuple[str, float]] = []
+    real = Transport.exchange
+
+    def exchange(self, messages, timeout):
+        waited.append((messages[0].metadata.message_type, timeout))
+        return real(self, messages, timeout)
+
+    monkeypatch.setattr(Transport, "exchange", exchange)
+    summary, _ = run(cfg, nodes=2)
+    assert summary["status"] == "completed"
+    assert waited[0] == ("query.info", 30.0)
+    starts = [t for kind, t in waited if kind == "train.start"]
+    assert starts == [30.0, 0.5]  # round 1 cold, round 2 warm
+    assert {t for kind, t in waited if kind == "train.step"} == {0.5}
 
 
 def test_min_clients_fails_a_round_with_one_raising_client(tmp_path: Path) -> None:
@@ -199,7 +243,9 @@ def test_min_clients_fails_a_round_with_one_raising_client(tmp_path: Path) -> No
 
     with pytest.raises(RoundFailed) as raised:
         run(cfg, nodes=2, before_call=fail_partition_0)
-    assert "1 of 2 sampled client(s) finished, fewer than min-clients=2" in str(raised.value)
+    assert "1 of 2 sampled client(s) finished, fewer than the 2 required by min-clients=2" in str(
+        raised.value
+    )
     assert "error on 1 client(s) (partition 0): ValueError: bad batch" in str(raised.value)
     summary = RunDir(cfg.run_dir).read_summary()
     assert summary["status"] == "failed" and summary["drops"]["error"] == 1
@@ -288,9 +334,42 @@ def test_configure_train_builds_the_start_messages_the_client_app_runs(tmp_path:
     cfg = tiny_config(tmp_path)
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
     strategy, arrays = build_strategy(cfg, run_dir=None, progress=lambda _: None)
-    strategy.settle_s = 0.0
+    strategy.sampler.settle_s = 0.0
     messages = list(strategy.configure_train(1, arrays, ConfigRecord({"note": "x"}), grid))
     assert len(messages) == 2
     assert messages[0].content["config"]["note"] == "x"
     replies = grid.send_and_receive(messages)
     assert all(not r.has_error() and "packet" in r.content for r in replies)
+
+
+def test_strategy_start_keeps_flowers_arguments(tmp_path: Path) -> None:
+    """evaluate_fn runs before the first round and after each, as in Flower's start;
+    train_config reaches the clients; evaluate_config (client evaluation) is refused."""
+    cfg = tiny_config(tmp_path, num_server_rounds=2)
+    grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
+    strategy, arrays = build_strategy(cfg, run_dir=None, progress=lambda _: None)
+    strategy.sampler.settle_s = 0.0
+    with pytest.raises(ValueError, match="evaluate_config"):
+        strategy.start(grid, arrays, evaluate_config=ConfigRecord({"x": 1}))
+    calls: list[int] = []
+    seen_config: list[str] = []
+    grid.before_call = lambda pid, msg: seen_config.extend(
+        [msg.content["config"]["note"]] if msg.metadata.message_type == "train.start" else []
+    )
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        calls.append(server_round)
+        return MetricRecord({"custom": float(server_round)})
+
+    result = strategy.start(
+        grid,
+        arrays,
+        num_rounds=2,
+        train_config=ConfigRecord({"note": "hi"}),
+        evaluate_fn=evaluate_fn,
+    )
+    assert calls == [0, 1, 2]
+    assert seen_config == ["hi"] * 4  # 2 clients × 2 rounds
+    assert result.evaluate_metrics_serverapp[2]["custom"] == 2.0
+    assert "test_accuracy" in result.evaluate_metrics_serverapp[2]
+    assert result.train_metrics_clientapp[1]["clients"] == 2

@@ -12,6 +12,7 @@ from flwr.common.config import parse_config_args
 
 from adc_flwr.compression import available_methods
 from adc_flwr.config import RunConfig
+from adc_flwr.results import RunDir
 from simulations import sweep
 from simulations.collect import RESULT_COLUMNS, TABLE_FILE, collect, curves, markdown_pivot
 from simulations.sweep import (
@@ -21,7 +22,7 @@ from simulations.sweep import (
     main,
     point_name,
     select,
-    validate_methods,
+    validate_points,
 )
 
 BASE = """
@@ -60,7 +61,7 @@ c3sl-r = [2, 4]
 method = ["none"]
 """,
     )
-    exp = load_experiment(path, check_methods=False)
+    exp = load_experiment(path, check_points=False)
     assert [p.name for p in exp.points] == [
         "adc-c0.1",
         "adc-c0.5",
@@ -78,7 +79,7 @@ method = ["none"]
     assert cfg.run_dir == (tmp_path / "out" / "topk-c0.5").resolve()
     assert exp.nodes == 1 and exp.name == "exp"
     # deterministic: loading again gives the same points, in the same order
-    assert load_experiment(path, check_methods=False).points == exp.points
+    assert load_experiment(path, check_points=False).points == exp.points
 
 
 def test_point_names() -> None:
@@ -101,7 +102,7 @@ method = "adc"
 pooling = ["attention", "mean"]
 """,
     )
-    points = load_experiment(path, check_methods=False).points
+    points = load_experiment(path, check_points=False).points
     assert [p.name for p in points] == [
         "adc-xb0.5-xt0.2-pool-attention",
         "adc-xb0.5-xt0.2-pool-mean",
@@ -112,7 +113,7 @@ pooling = ["attention", "mean"]
 
     bad = write(tmp_path, BASE + '[[grid]]\n"batch-compression,token-compression" = [0.5]\n')
     with pytest.raises(ExperimentError, match=r"must be a list of 2 values"):
-        load_experiment(bad, check_methods=False)
+        load_experiment(bad, check_points=False)
 
 
 def test_duplicates_and_name_collisions_are_rejected(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_duplicates_and_name_collisions_are_rejected(tmp_path: Path) -> None:
         "dup.toml",
     )
     with pytest.raises(ExperimentError, match=r"duplicate point 'adc' \(grid tables 1 and 2\)"):
-        load_experiment(same_twice, check_methods=False)
+        load_experiment(same_twice, check_points=False)
     # defaults count: compression = 0.1 is the default, so these two are the same run
     default = write(
         tmp_path,
@@ -131,13 +132,13 @@ def test_duplicates_and_name_collisions_are_rejected(tmp_path: Path) -> None:
         "dup2.toml",
     )
     with pytest.raises(ExperimentError, match=r"duplicate point 'adc-c0\.1'"):
-        load_experiment(default, check_methods=False)
+        load_experiment(default, check_points=False)
     # 0.1 and 0.1000001 print alike but are different runs: the names would collide
     collide = write(
         tmp_path, BASE + '[[grid]]\nmethod = ["adc"]\ncompression = [0.1, 0.1000001]\n', "c.toml"
     )
     with pytest.raises(ExperimentError, match=r"different points share the run name 'adc-c0\.1'"):
-        load_experiment(collide, check_methods=False)
+        load_experiment(collide, check_points=False)
 
 
 # ---- validation -----------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_duplicates_and_name_collisions_are_rejected(tmp_path: Path) -> None:
 def test_validation_error_names_file_point_and_key(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + '[[grid]]\nmethod = ["adc"]\ncompression = [0.1, 5.0]\n')
     with pytest.raises(ExperimentError) as err:
-        load_experiment(path, check_methods=False)
+        load_experiment(path, check_points=False)
     message = str(err.value)
     assert str(path) in message
     assert "point 2/2 'adc-c5' (grid table 1)" in message
@@ -169,41 +170,50 @@ def test_validation_error_names_file_point_and_key(tmp_path: Path) -> None:
 def test_malformed_files_fail_with_the_culprit(tmp_path: Path, text: str, pattern: str) -> None:
     path = write(tmp_path, BASE + text)
     with pytest.raises(ExperimentError, match=pattern):
-        load_experiment(path, check_methods=False)
+        load_experiment(path, check_points=False)
 
 
 def test_base_out_dir_is_rejected(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + 'out-dir = "x"\n[[grid]]\nmethod = ["adc"]\n')
     with pytest.raises(ExperimentError, match=r"\[base\]: 'out-dir' is set by the sweep"):
-        load_experiment(path, check_methods=False)
+        load_experiment(path, check_points=False)
 
 
-def test_methods_are_checked_by_building_the_compressor(tmp_path: Path) -> None:
+def test_points_get_every_run_check_before_running(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + '[[grid]]\nmethod = ["none", "nope"]\n')
-    with pytest.raises(ExperimentError, match=r"point 2/2 'nope'.*'method' = 'nope' is not a"):
+    with pytest.raises(ExperimentError, match=r"point 2/2 'nope'.*'method' = 'nope': allowed"):
         load_experiment(path)
-    exp = load_experiment(path, check_methods=False)  # config-only validation passes
-    validate_methods(exp, exp.points[:1])  # and the registered method alone is fine
+    exp = load_experiment(path, check_points=False)  # config-only validation passes
+    validate_points(exp, exp.points[:1], nodes=1)  # and the registered method alone is fine
+    # what needs the model or the data: the split index, the partitioning over the nodes
+    deep = write(tmp_path, BASE + '[[grid]]\nmethod = ["none"]\nsplit-index = [3, 9]\n', "d.toml")
+    with pytest.raises(ExperimentError, match=r"point 2/2 'none-l9'.*split-index must be in"):
+        load_experiment(deep)
+    dirichlet = BASE + 'partitioner = "dirichlet"\nmin-partition-size = 400\n'
+    many = write(tmp_path, dirichlet + '[[grid]]\nmethod = ["none"]\n', "m.toml")
+    exp = load_experiment(many, check_points=False)
+    with pytest.raises(ExperimentError, match=r"min-partition-size=400"):
+        validate_points(exp, exp.points, nodes=8)
 
 
 @pytest.mark.skipif("c3sl" not in available_methods(), reason="c3sl not registered yet")
 def test_method_specific_errors_surface_before_running(tmp_path: Path) -> None:
     """C3-SL groups the batch in R: batch-size 16 cannot be grouped by 3."""
     path = write(tmp_path, BASE + '[[grid]]\nmethod = ["c3sl"]\nc3sl-r = [2, 3]\n')
-    with pytest.raises(ExperimentError, match=r"point 2/2 'c3sl-r3'.*method 'c3sl'"):
+    expected = r"point 2/2 'c3sl-r3'.*C3-SL: 'batch-size' = 16 must be a multiple"
+    with pytest.raises(ExperimentError, match=expected):
         load_experiment(path)
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS_DIR.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_experiments_are_valid(path: Path) -> None:
-    exp = load_experiment(path, check_methods=False)
+    exp = load_experiment(path, check_points=False)
     assert exp.points and exp.description
-    registered = [p for p in exp.points if p.run_config["method"] in available_methods()]
-    validate_methods(exp, registered)
+    validate_points(exp, exp.points, exp.nodes)
 
 
 def test_paper_sweep_covers_the_paper_levels_at_one_budget() -> None:
-    exp = load_experiment("paper_sweep", check_methods=False)
+    exp = load_experiment("paper_sweep", check_points=False)
     cfgs = [p.config("x") for p in exp.points]
     assert exp.nodes == 1
     assert {c.dataset for c in cfgs} == {"fashion-mnist"} and {c.model for c in cfgs} == {"vit-cpu"}
@@ -229,7 +239,7 @@ def test_paper_sweep_covers_the_paper_levels_at_one_budget() -> None:
 
 
 def test_select_filters_points() -> None:
-    points = load_experiment("paper_sweep", check_methods=False).points
+    points = load_experiment("paper_sweep", check_points=False).points
     names = [p.name for p in select(points, ["method=adc,none", "compression=0.10"])]
     assert names == ["adc-c0.1", "none"]  # none has the default compression 0.1
     assert [p.name for p in select(points, ["name=c3sl-r*"])][-1] == "c3sl-r32"
@@ -331,17 +341,34 @@ def test_curves_are_eval_rows_against_mb(smoke_sweep: tuple[Path, str]) -> None:
 def test_failed_point_is_reported_and_the_sweep_goes_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # split-index 9 passes the config check but the 6-block model cannot be cut there
-    path = write(
-        tmp_path,
-        BASE + '[[grid]]\nmethod = ["none"]\nsplit-index = [9, 3]\n',
-    )
+    # lr 1e8 passes every check but the loss diverges at run time
+    path = write(tmp_path, BASE + '[[grid]]\nmethod = ["none"]\nlr = [1e8, 1e-3]\n')
     assert main([str(path), "--results-root", str(tmp_path / "r")]) == 1
     out = capsys.readouterr().out
-    assert "[1/2] none-l9" in out and "failed" in out and "split-index must be in" in out
-    assert "[2/2] none-l3" in out and "1 ran, 0 skipped, 1 failed" in out
-    table = pd.read_csv(tmp_path / "r" / "exp" / TABLE_FILE)
-    assert table.set_index("run").loc["none-l3", "status"] == "completed"
+    assert "[1/2] none-lr1e+08" in out and "failed" in out and "diverged" in out
+    assert "[2/2] none-lr0.001" in out and "1 ran, 0 skipped, 1 failed" in out
+    table = pd.read_csv(tmp_path / "r" / "exp" / TABLE_FILE).set_index("run")
+    assert table.loc["none-lr0.001", "status"] == "completed"
+    assert table.loc["none-lr1e+08", "status"] == "failed"
+    assert "diverged" in table.loc["none-lr1e+08", "error"]
+    assert "none-lr1e+08" not in set(curves(tmp_path / "r" / "exp")["run"])  # no result
+    assert "none-lr1e+08" not in markdown_pivot(collect(tmp_path / "r" / "exp"))
+
+
+def test_point_refused_before_it_ran_keeps_its_error_in_the_table(tmp_path: Path) -> None:
+    """A point whose run directory holds another run never starts: its row says why."""
+    path = write(tmp_path, BASE + '[[grid]]\nmethod = ["none", "adc"]\n')
+    root = tmp_path / "r"
+    other = RunConfig.from_run_config(
+        {"dataset": "digits", "out-dir": str(root / "exp"), "run-name": "adc"}
+    )
+    RunDir(other.run_dir).write_config(other.to_run_config())
+    RunDir(other.run_dir).append_metrics({"kind": "step", "round": 1, "step": 1})
+    assert main([str(path), "--results-root", str(root)]) == 1
+    table = pd.read_csv(root / "exp" / TABLE_FILE).set_index("run")
+    assert table.loc["none", "status"] == "completed"
+    assert table.loc["adc", "status"] == "failed"
+    assert "holds a run with another config" in table.loc["adc", "error"]
 
 
 def test_changed_config_of_a_finished_point_is_not_skipped(
@@ -352,7 +379,7 @@ def test_changed_config_of_a_finished_point_is_not_skipped(
     assert main([str(path), "--results-root", root]) == 0
     path.write_text(path.read_text().replace("eval-samples = 32", "eval-samples = 48"))
     assert main([str(path), "--results-root", root]) == 1
-    assert "holds a run with another config (keys ['eval-samples'])" in capsys.readouterr().out
+    assert "holds a run with another config (eval-samples: 32 -> 48)" in capsys.readouterr().out
 
 
 def test_flwr_runner_passes_the_whole_config(
@@ -374,11 +401,8 @@ def test_flwr_runner_passes_the_whole_config(
             self.stdout = io.StringIO("run p completed\n")
             self.returncode = 0
 
-        def __enter__(self) -> FakePopen:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
+        def wait(self) -> int:
+            return self.returncode
 
     monkeypatch.setattr(sweep.subprocess, "Popen", FakePopen)
     lines: list[str] = []
@@ -402,11 +426,8 @@ def test_flwr_runner_failure_names_the_script_output(
             self.stdout = io.StringIO("starting\nrun p did not complete (summary status: failed)\n")
             self.returncode = 1
 
-        def __enter__(self) -> FailingPopen:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
+        def wait(self) -> int:
+            return self.returncode
 
     monkeypatch.setattr(sweep.subprocess, "Popen", FailingPopen)
     with pytest.raises(RuntimeError, match=r"exited 1: starting \| run p did not complete"):

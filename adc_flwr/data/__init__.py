@@ -22,7 +22,12 @@ work on train indices only.
 
 from adc_flwr.data.batches import BatchCursor, to_model_input
 from adc_flwr.data.images import MAX_IMAGE_SIDE, LazyImages
-from adc_flwr.data.partition import PARTITIONERS, label_counts, partition_indices
+from adc_flwr.data.partition import (
+    PARTITIONERS,
+    label_counts,
+    partition_indices,
+    run_partitions,
+)
 from adc_flwr.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_data
 from adc_flwr.data.splits import DataBundle, DataError, ImageSplit
 
@@ -39,5 +44,6 @@ __all__ = [
     "label_counts",
     "load_data",
     "partition_indices",
+    "run_partitions",
     "to_model_input",
 ]

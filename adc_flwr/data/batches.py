@@ -53,7 +53,7 @@ def to_model_input(
 
 
 class BatchCursor:
-    """Deterministic mini-batches over one partition's indices, resumable from ``state()``.
+    """Deterministic mini-batches over one partition's indices, from any batch number on.
 
     Each epoch uses the permutation drawn from ``(seed, epoch)``, so the sequence depends on
     nothing but these numbers. Every index appears once per epoch; the last short batch is
@@ -99,16 +99,3 @@ class BatchCursor:
             self.epoch += 1
             self.position = 0
         return batch
-
-    def state(self) -> dict[str, int]:
-        """Where the cursor stands: small, JSON-friendly, enough to resume exactly."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    @classmethod
-    def from_state(
-        cls, indices: np.ndarray, batch_size: int, seed: int, state: dict[str, int]
-    ) -> BatchCursor:
-        """Rebuild a cursor that continues exactly where ``state()`` was taken."""
-        return cls(
-            indices, batch_size, seed, epoch=int(state["epoch"]), position=int(state["position"])
-        )

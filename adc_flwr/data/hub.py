@@ -7,18 +7,16 @@ headers; pixels are decoded later, row by row, by :class:`LazyImages`.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from adc_flwr.data.images import LazyImages, image_table, numeric_images, plan_decoding
 from adc_flwr.data.splits import DataError, ImageSplit, carve_test
+from adc_flwr.hub import hub_unreachable
 
 _LABEL_NAMES = ("label", "labels", "fine_label")
 _IMAGE_NAMES = ("img", "image")
@@ -119,27 +117,10 @@ def _hub_offline_help(hub_id: str, detail: str) -> str:
     )
 
 
-def _check_hub_reachable(hub_id: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not after the hub client's ~25 s of retries, when there is no network.
-
-    Skipped in offline mode (the cache is used) and behind a proxy (a direct probe would lie).
-    """
-    import datasets
-
-    if datasets.config.HF_HUB_OFFLINE:
-        return
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise DataError(_hub_offline_help(hub_id, f"{host}:{port}: {exc}")) from exc
+def _check_hub_reachable(hub_id: str) -> None:
+    """Fail in seconds, not after the hub client's ~25 s of retries, when there is no network."""
+    if problem := hub_unreachable():
+        raise DataError(_hub_offline_help(hub_id, problem))
 
 
 def _pick_columns(features: Any) -> tuple[str, str]:

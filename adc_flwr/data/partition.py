@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from adc_flwr.data.splits import DataError
+
+if TYPE_CHECKING:
+    from adc_flwr.config import RunConfig
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 
@@ -197,3 +200,24 @@ def label_counts(
     df.index.name = "partition_id"
     df["total"] = df.sum(axis=1)
     return df
+
+
+@functools.lru_cache(maxsize=4)
+def run_partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
+    """The run's train-split indices per partition, identical in every process (and cached
+    per process) for the same config and partition count."""
+    from adc_flwr.data.sources import load_data
+
+    data = load_data(cfg.dataset, cfg.data_dir)
+    return tuple(
+        partition_indices(
+            data.train.labels,
+            num_partitions,
+            cfg.partitioner,
+            alpha=cfg.alpha,
+            min_partition_size=cfg.min_partition_size,
+            classes_per_client=cfg.classes_per_client,
+            shards_per_client=cfg.shards_per_client,
+            seed=cfg.seed,
+        )
+    )

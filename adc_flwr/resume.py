@@ -1,0 +1,72 @@
+"""Whether a run directory is new, resumable or finished, and whether it holds this run.
+
+One decision, shared by the ServerApp, the sweep runner and ``scripts/flwr_run.sh`` (through
+``strategies.preflight``), so a rerun under an existing name always gets the same answer:
+
+- ``finished``: the same config, completed: nothing to do.
+- ``resume``: the same config, with progress (a checkpoint or metric rows): continue it.
+- ``new``: nothing there, or a run that failed before training anything (no progress), whose
+  name it may take over.
+- another config with progress: refused with the keys that differ (old and new value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from adc_flwr.results import RunDir, RunDirError
+
+NEW, RESUME, FINISHED = "new", "resume", "finished"
+# keys that do not change what a run computes: a moved results directory (or a run name given
+# where it was derived) is the same run, and waiting longer for clients is how to resume one
+# that failed on timeouts
+IGNORED_KEYS = ("out-dir", "run-name", "step-timeout", "start-timeout", "min-nodes")
+
+
+def config_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (absent keys show as None)."""
+    keys = sorted((set(stored) | set(wanted)) - set(IGNORED_KEYS))
+    return [
+        f"{key}: {stored.get(key)!r} -> {wanted.get(key)!r}"
+        for key in keys
+        if stored.get(key) != wanted.get(key)
+    ]
+
+
+def has_progress(run_dir: RunDir) -> bool:
+    """Whether anything was trained there: a checkpoint, a step row or a completed summary."""
+    summary = run_dir.read_summary() or {}
+    return (
+        run_dir.checkpoint_path.exists()
+        or run_dir.step_rows() > 0
+        or summary.get("status") == "completed"
+    )
+
+
+def run_state(run_dir: RunDir, config: Mapping[str, Any]) -> str:
+    """:data:`NEW`, :data:`RESUME` or :data:`FINISHED` for running ``config`` in ``run_dir``.
+
+    Raises :class:`RunDirError` when the directory holds another run that trained something,
+    or results without a ``config.json`` (damaged files raise from the readers).
+    """
+    stored = run_dir.read_config()
+    progress = has_progress(run_dir)
+    if stored is None:
+        if progress:
+            raise RunDirError(
+                f"{run_dir.path} holds results but no config.json; move it away (or pick "
+                "another run-name) to start over"
+            )
+        return NEW
+    differences = config_differences(stored, config)
+    if differences:
+        if progress:
+            raise RunDirError(
+                f"{run_dir.path} holds a run with another config ({'; '.join(differences)}); "
+                "pick another run-name or out-dir, or move that directory away to start over"
+            )
+        return NEW  # it failed at start-up: its name is free
+    if (run_dir.read_summary() or {}).get("status") == "completed":
+        return FINISHED
+    return RESUME if progress else NEW

@@ -1,0 +1,123 @@
+"""Who trains this round: data partitions, sampled with a seeded generator, mapped to nodes.
+
+Under Ray node ids are random 64-bit integers that say nothing about the data a node holds,
+so the sampler asks each new node which partition it holds (``query.info``, see
+:func:`strategies.transport.discover_partitions`) and draws partition ids: the same seed
+samples the same partitions whatever the node ids are.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from flwr.serverapp import Grid
+
+from adc_flwr.config import RunConfig
+from strategies.transport import Transport, discover_partitions
+
+
+class PartitionSampler:
+    """The partition -> node map of a run and the seeded draw of each round's clients."""
+
+    def __init__(self, cfg: RunConfig, progress: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.nodes: dict[int, int] = {}  # partition id -> node id holding it
+        self.num_partitions = 0  # as the nodes report it
+        self.settle_s = 1.0
+        self._rng = random.Random(cfg.seed)
+
+    def wait_for_nodes(self, grid: Grid, timeout: float = 120.0) -> list[int]:
+        """Registered node ids, once at least ``min-nodes`` are there and the count has
+        stopped changing for ``settle_s`` (SuperNodes may still be registering at t=0)."""
+        deadline = time.monotonic() + timeout
+        nodes: list[int] = []
+        stable_since = time.monotonic()
+        while True:
+            current = sorted(grid.get_node_ids())
+            if current != nodes:
+                nodes, stable_since = current, time.monotonic()
+            enough = len(nodes) >= self.cfg.min_nodes
+            if enough and time.monotonic() - stable_since >= self.settle_s:
+                self.settle_s = 0.0  # settle once per run
+                return nodes
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} of min-nodes={self.cfg.min_nodes} SuperNodes registered "
+                    f"within {timeout:.0f} s"
+                )
+            time.sleep(0.1)
+
+    def available(self, transport: Transport) -> dict[int, str]:
+        """Every partition of the run -> why it cannot train now ("" when it can): its node
+        is not registered (or never said which partition it holds), or owes a reply.
+
+        New nodes are asked which partition they hold first.
+        """
+        registered = self.wait_for_nodes(transport.grid)
+        known = set(self.nodes.values())
+        busy = transport.busy_nodes()
+        unknown = [n for n in registered if n not in known and n not in busy]
+        if unknown:
+            started = time.perf_counter()
+            found, num_partitions, silent = discover_partitions(
+                transport, unknown, self.cfg.start_timeout
+            )
+            for partition, node in found.items():
+                if self.nodes.get(partition, node) != node and self.nodes[partition] in registered:
+                    raise RuntimeError(
+                        f"nodes {self.nodes[partition]} and {node} both hold partition {partition}"
+                    )
+            self.nodes.update(found)
+            self.num_partitions = max(self.num_partitions, num_partitions)
+            self.progress(
+                f"{len(found)} node(s) hold partitions {describe_ids(sorted(found))} "
+                f"(asked in {time.perf_counter() - started:.1f} s)"
+                + (f"; {len(silent)} did not answer" if silent else "")
+            )
+        alive, busy = set(registered), transport.busy_nodes()
+        reasons = {}
+        for partition in range(max(self.num_partitions, max(self.nodes, default=-1) + 1)):
+            node = self.nodes.get(partition)
+            if node is None or node not in alive:
+                reasons[partition] = "no registered node holds it"
+            elif node in busy:
+                reasons[partition] = "its node still owes a reply to an earlier message"
+            else:
+                reasons[partition] = ""
+        return reasons
+
+    def sample(self, transport: Transport) -> tuple[list[int], dict[int, str]]:
+        """This round's draw: ``clients_per_round`` of all the run's partitions, with the
+        seeded generator, in ascending order; and those of them that cannot train, with why.
+
+        The draw never depends on which partitions are available (a resumed run draws the
+        same), so an unavailable pick is not replaced: it counts against ``min-clients``.
+        """
+        reasons = self.available(transport)
+        if not reasons:
+            raise RuntimeError("no SuperNode answered which data partition it holds")
+        count = self.cfg.clients_per_round(len(reasons))
+        picks = sorted(self._rng.sample(range(len(reasons)), count))
+        return picks, {p: reasons[p] for p in picks if reasons[p]}
+
+    def state(self) -> tuple:
+        """The generator's state (for checkpoints)."""
+        return self._rng.getstate()
+
+    def set_state(self, state: list | tuple) -> None:
+        version, internal, gauss = state
+        self._rng.setstate((version, tuple(internal), gauss))
+
+
+def describe_ids(values: list[int]) -> str:
+    """``0-3, 7, 9-10`` for sorted ints: a short description of many partition ids."""
+    parts: list[str] = []
+    for value in values:
+        if parts and value == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{value}"
+        else:
+            parts.append(str(value))
+    return ", ".join(parts) or "none"

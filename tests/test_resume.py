@@ -1,0 +1,192 @@
+"""A run killed at any point and rerun ends with the metrics an uninterrupted run writes.
+
+Kills are simulated in process: an exception (or Ctrl-C) raised at a chosen step, evaluation
+or checkpoint leaves the run directory exactly as a dying process would; the rerun uses a
+fresh grid, so no client keeps anything in memory, as after a real restart.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from adc_flwr.config import RunConfig
+from adc_flwr.results import RunDir, RunDirError
+from adc_flwr.training import ServerWorker
+from clients import client_app as client_module
+from helpers import tiny_config
+from strategies.experiment import run_experiment
+from strategies.inprocess_grid import InProcessGrid
+from strategies.split_strategy import SplitLearningStrategy
+
+
+class Kill(Exception):
+    """Stands for SIGKILL: the run stops where it is."""
+
+
+def config(path: Path) -> RunConfig:
+    # Adam (the default) with client-optimizer=reset: nothing of a client outlives its round
+    return tiny_config(path, method="adc", compression=0.25, num_server_rounds=3, eval_every=2)
+
+
+def run(cfg: RunConfig, seed: int = 0) -> dict:
+    grid = InProcessGrid(client_module.app, 2, cfg.to_run_config(), seed=seed)
+    return run_experiment(grid, cfg, progress=lambda _: None)
+
+
+def metrics(cfg: RunConfig) -> pd.DataFrame:
+    return RunDir(cfg.run_dir).read_metrics().drop(columns="wall_time_s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    cfg = config(tmp_path_factory.mktemp("reference"))
+    assert run(cfg)["status"] == "completed"
+    return metrics(cfg)
+
+
+def kill_on_call(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, call: int, exc=Kill):
+    """Make ``cls.name`` raise ``exc`` on its ``call``-th call (1-based)."""
+    real = getattr(cls, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise exc("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cls, name, wrapper)
+
+
+@pytest.mark.parametrize(
+    ("where", "call"),
+    [
+        ("server_step", 2),  # round 1, before any checkpoint
+        ("server_step", 8),  # round 3, after two checkpoints
+        ("_evaluate", 3),  # round 2's mid-round (eval-every) evaluation
+        ("_evaluate", 4),  # round 2's own evaluation, before its checkpoint
+    ],
+)
+def test_killed_run_resumes_to_the_same_metrics(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reference: pd.DataFrame,
+    where: str,
+    call: int,
+) -> None:
+    cfg = config(tmp_path)
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, SplitLearningStrategy, where, call)
+        with pytest.raises(Kill):
+            run(cfg, seed=1)
+    summary = run(cfg, seed=2)  # other node ids: a new process
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    pd.testing.assert_frame_equal(metrics(cfg), reference)
+
+
+def test_kill_between_metrics_and_checkpoint_then_torn_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: pd.DataFrame
+) -> None:
+    """Killed after round 2's rows were flushed but before its checkpoint, mid-way through
+    writing another row: whole rows only, nothing twice, nothing invented."""
+    cfg = config(tmp_path)
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, RunDir, "save_checkpoint", 2)
+        with pytest.raises(Kill):
+            run(cfg)
+    with RunDir(cfg.run_dir).metrics_path.open("a") as f:
+        f.write("step,2,9,2.31,,,12")  # a row cut short by the kill
+    assert run(cfg)["status"] == "completed"
+    pd.testing.assert_frame_equal(metrics(cfg), reference)
+
+
+def test_ctrl_c_leaves_an_interrupted_summary_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: pd.DataFrame
+) -> None:
+    cfg = config(tmp_path)
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, SplitLearningStrategy, "server_step", 5, exc=KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    summary = RunDir(cfg.run_dir).read_summary()
+    assert summary["status"] == "interrupted" and summary["rounds"] == 1
+    assert run(cfg)["status"] == "completed"
+    pd.testing.assert_frame_equal(metrics(cfg), reference)
+
+
+def test_failed_nan_run_rerun_does_not_duplicate_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: pd.DataFrame
+) -> None:
+    cfg = config(tmp_path)
+    real = ServerWorker.step
+
+    def nan_first(self, packets):
+        _, grads = real(self, packets)
+        return math.nan, grads
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ServerWorker, "step", nan_first)
+        with pytest.raises(RuntimeError, match="diverged"):
+            run(cfg)
+    assert RunDir(cfg.run_dir).read_summary()["status"] == "failed"
+    assert run(cfg)["status"] == "completed"
+    pd.testing.assert_frame_equal(metrics(cfg), reference)
+
+
+@pytest.fixture
+def crashed_in_round_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RunConfig:
+    cfg = config(tmp_path)
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, SplitLearningStrategy, "server_step", 8)
+        with pytest.raises(Kill):
+            run(cfg)
+    return cfg
+
+
+def test_emptied_metrics_is_an_error_naming_the_file(crashed_in_round_3: RunConfig) -> None:
+    path = RunDir(crashed_in_round_3.run_dir).metrics_path
+    before = path.read_text()
+    path.write_text("")
+    with pytest.raises(RunDirError, match=r"metrics\.csv holds 0 complete rows.*Restore it"):
+        run(crashed_in_round_3)
+    assert path.read_text() == "" and len(before) > 0  # nothing rewritten to get past it
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "summary.json", "config.json"])
+def test_truncated_file_is_an_error_naming_it(crashed_in_round_3: RunConfig, name: str) -> None:
+    path = RunDir(crashed_in_round_3.run_dir).path / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunDirError, match=name.replace(".", r"\.")):
+        run(crashed_in_round_3)
+    assert path.read_bytes() == data[: len(data) // 2]  # left for the user to restore
+
+
+def test_killed_sampling_run_resumes_with_the_same_draws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half of 4 partitions a round: the resumed run draws the partitions the uninterrupted
+    one drew (the sampler's state is in the checkpoint), so the metrics are the same."""
+
+    def sampled(path: Path) -> RunConfig:
+        return tiny_config(
+            path, method="adc", compression=0.25, num_server_rounds=4, fraction_train=0.5
+        )
+
+    def run4(cfg: RunConfig, seed: int) -> dict:
+        grid = InProcessGrid(client_module.app, 4, cfg.to_run_config(), seed=seed)
+        return run_experiment(grid, cfg, progress=lambda _: None)
+
+    whole = sampled(tmp_path / "whole")
+    run4(whole, seed=0)
+    cfg = sampled(tmp_path / "killed")
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, SplitLearningStrategy, "server_step", 8)  # round 3
+        with pytest.raises(Kill):
+            run4(cfg, seed=1)
+    assert run4(cfg, seed=2)["status"] == "completed"
+    pd.testing.assert_frame_equal(metrics(cfg), metrics(whole))
