@@ -34,14 +34,10 @@ def config_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> 
     ]
 
 
-def has_progress(run_dir: RunDir) -> bool:
-    """Whether anything was trained there: a checkpoint, a step row or a completed summary."""
-    summary = run_dir.read_summary() or {}
-    return (
-        run_dir.checkpoint_path.exists()
-        or run_dir.step_rows() > 0
-        or summary.get("status") == "completed"
-    )
+def has_progress(run_dir: RunDir, completed: bool) -> bool:
+    """Whether anything was trained there: a checkpoint, a step row or (``completed``) a
+    completed summary."""
+    return completed or run_dir.checkpoint_path.exists() or run_dir.step_rows() > 0
 
 
 def run_state(run_dir: RunDir, config: Mapping[str, Any]) -> str:
@@ -51,7 +47,8 @@ def run_state(run_dir: RunDir, config: Mapping[str, Any]) -> str:
     or results without a ``config.json`` (damaged files raise from the readers).
     """
     stored = run_dir.read_config()
-    progress = has_progress(run_dir)
+    completed = (run_dir.read_summary() or {}).get("status") == "completed"
+    progress = has_progress(run_dir, completed)
     if stored is None:
         if progress:
             raise RunDirError(
@@ -67,6 +64,6 @@ def run_state(run_dir: RunDir, config: Mapping[str, Any]) -> str:
                 "pick another run-name or out-dir, or move that directory away to start over"
             )
         return NEW  # it failed at start-up: its name is free
-    if (run_dir.read_summary() or {}).get("status") == "completed":
+    if completed:
         return FINISHED
     return RESUME if progress else NEW

@@ -48,9 +48,9 @@ from typing import Any
 
 from adc_flwr.config import ConfigError, RunConfig
 from adc_flwr.results import RunDir, RunDirError, atomic_write_json
-from adc_flwr.resume import FINISHED, run_state
+from adc_flwr.resume import FINISHED, RESUME, run_state
 from simulations.collect import SWEEP_FILE, sweep_results
-from strategies.preflight import toml_value
+from strategies.preflight import format_pairs
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,10 +377,8 @@ def run_point_flwr(
     ``timeout_s`` > 0 limits the point: past it the script is sent SIGTERM (it ends every
     process of the run and writes an ``interrupted`` summary) and the point fails.
     """
-    run_config = " ".join(
-        f"{key}={toml_value(value)}"
-        for key, value in cfg.to_run_config().items()
-        if key not in RESERVED_KEYS
+    run_config = format_pairs(
+        {k: v for k, v in cfg.to_run_config().items() if k not in RESERVED_KEYS}
     )
     env = os.environ | {
         "OUT_DIR": cfg.out_dir,
@@ -495,11 +493,13 @@ def run_sweep(
 
 
 def _state(cfg: RunConfig) -> str:
-    """``done``, ``partial`` (a checkpoint or failed summary), or ``pending``."""
-    run_dir = cfg.run_dir
-    if not run_dir.exists():
-        return "pending"
-    return "done" if RunDir(run_dir).is_finished() else "partial"
+    """What a run of the point would do: ``done`` (skipped), ``partial`` (resumed),
+    ``pending`` (started afresh) or ``conflict`` (refused: another run is there)."""
+    try:
+        state = run_state(RunDir(cfg.run_dir), cfg.to_run_config())
+    except RunDirError:
+        return "conflict"
+    return {FINISHED: "done", RESUME: "partial"}.get(state, "pending")
 
 
 def _run_point(

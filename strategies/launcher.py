@@ -37,7 +37,7 @@ import psutil
 from adc_flwr.config import ConfigError
 from adc_flwr.results import RunDirError
 from adc_flwr.resume import FINISHED
-from strategies.preflight import check, fresh_summary, mark_interrupted, parse_pairs, toml_value
+from strategies.preflight import check, format_pairs, fresh_summary, mark_interrupted, parse_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEDERATION = "num-supernodes=4 client-resources-num-cpus=1"
@@ -112,8 +112,16 @@ def flwr_command(run_config: str, federation: str, run_dir: Path) -> list[str]:
         "out-dir": str(run_dir.parent),
         "run-name": run_dir.name,
     }
-    text = " ".join(f"{key}={toml_value(value)}" for key, value in pairs.items())
-    return ["flwr", "run", ".", "--stream", "--run-config", text, "--federation-config", federation]
+    return [
+        "flwr",
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        format_pairs(pairs),
+        "--federation-config",
+        federation,
+    ]
 
 
 def launch(run_config: str, federation: str, out_dir: str, run_name: str) -> int:

@@ -48,6 +48,11 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
+def format_pairs(pairs: dict[str, Any]) -> str:
+    """``key=value`` pairs that :func:`parse_pairs` (and ``flwr run``) read back as given."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in pairs.items())
+
+
 def check(run_config: str, federation_config: str, out_dir: str, run_name: str) -> str:
     """The run directory's state (``new``, ``resume`` or ``finished``) for a valid config;
     raises :class:`ConfigError` or :class:`RunDirError` with the one-line reason."""

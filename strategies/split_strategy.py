@@ -57,7 +57,6 @@ class ClientRound:
     steps: int  # steps it does this round
     packet: ArrayRecord  # the packet in flight
     step: int = 0  # steps done
-    examples: int = 0  # samples trained so far this round (its FedAvg weight)
 
     @property
     def on_last_step(self) -> bool:
@@ -306,7 +305,7 @@ class SplitLearningStrategy(Strategy):
             replies = self.exchange(messages, outcome)
             self.global_step += 1
             self._record_step(server_round, loss)
-            stepped: dict[int, tuple[Message, int]] = {}
+            stepped: dict[int, Message] = {}  # replies of the clients that took this step
             for partition, client in list(active.items()):
                 reply = replies.get(partition)
                 if reply is None:
@@ -314,8 +313,7 @@ class SplitLearningStrategy(Strategy):
                     continue
                 self.batches_done[partition] = self.batches_done.get(partition, 0) + 1
                 client.step += 1
-                client.examples = int(reply.content["metrics"]["num-examples"])
-                stepped[partition] = (reply, client.examples)
+                stepped[partition] = reply
                 if "packet" in reply.content:
                     client.packet = reply.content["packet"]
                 else:  # its last step: the reply carries its trained front
@@ -417,20 +415,18 @@ class SplitLearningStrategy(Strategy):
         return bool(self.cfg.eval_every) and global_step % self.cfg.eval_every == 0
 
     def _evaluate_probe(
-        self, server_round: int, stepped: dict[int, tuple[Message, int]], outcome: RoundOutcome
+        self, server_round: int, stepped: dict[int, Message], outcome: RoundOutcome
     ) -> None:
         """Mid-round evaluation of the model that exists now: the current back with the
         average, weighted by examples trained this round, of the clients' current fronts
         (SplitFed: those of this step and of the clients that already finished the round;
         vanilla: the client whose turn it is, or whose turn just ended)."""
-        current = {p: (reply.content["front"], n) for p, (reply, n) in stepped.items()}
+        current = dict(stepped)
         if self.cfg.sl_mode == "splitfed":
-            for partition, reply in outcome.finished.items():
-                examples = int(reply.content["metrics"]["num-examples"])
-                current.setdefault(partition, (reply.content["front"], examples))
+            current = outcome.finished | current
         fronts = [
-            RecordDict({"front": front, "metrics": MetricRecord({"num-examples": n})})
-            for _, (front, n) in sorted(current.items())
+            RecordDict({"front": r.content["front"], "metrics": r.content["metrics"]})
+            for _, r in sorted(current.items())
         ]
         if not fronts:
             return
