@@ -118,9 +118,12 @@ class TrafficLedger:
         self._total += traffic
 
     def client_round(self, server_round: int, client: int) -> Traffic:
-        """One client's traffic in ``server_round``, which must be the current round."""
-        if server_round != self._round:
+        """One client's traffic in ``server_round``, which must be the current round (or a
+        later one, in which nothing has been booked yet)."""
+        if self._round is not None and server_round < self._round:
             raise KeyError(f"round {server_round} is not the current round ({self._round})")
+        if server_round != self._round:  # nothing booked yet in this round
+            return Traffic()
         return replace(self._clients.get(client, Traffic()))
 
     def total(self) -> Traffic:

@@ -33,7 +33,7 @@ from flwr.app import Array, ArrayRecord
 from adc_flwr.config import WIRE_DTYPES
 
 if TYPE_CHECKING:  # only read here; importing it would pull in every compressor (cycle risk)
-    from adc_flwr.compression.base import Packet
+    from adc_flwr.compression.base import Compressor, Packet
 
 __all__ = [
     "ACT_NAME",
@@ -72,11 +72,14 @@ class ReceivedPacket:
             runs its back on them and reads ``.grad``); integer tensors as int64, masks as bool.
         targets: int64 hard labels ``(B,)``, or ``(T, C)`` member counts when ``soft_targets``.
         soft_targets: whether ``targets`` holds soft-label counts.
+        compressor: the sender's own compressor when clients compress differently
+            (``adaptive-compression``); None: the run's.
     """
 
     tensors: dict[str, torch.Tensor]
     targets: torch.Tensor
     soft_targets: bool
+    compressor: Compressor | None = None
 
     def grad_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors whose gradients go back to the client (the floating ones)."""

@@ -82,6 +82,17 @@ class RunConfig:
     start_timeout: float = 600.0
     channel: str = "clean"
     snr_db: str = "10"
+    profile_mix: str = "uniform"
+    profile_trace: str = ""
+    server_gflops: float = 10000.0
+    deadline_s: float = 0.0
+    straggler_policy: str = "drop"
+    over_select: float = 1.0
+    adaptive_compression: bool = False
+    target_upload_s: float = 0.0
+    compression_min: float = 0.01
+    federated_eval_every: int = 0
+    federated_eval_fraction: float = 0.1
     out_dir: str = "results"
     run_name: str = ""
 
@@ -164,11 +175,25 @@ class RunConfig:
                 "batch-compression and token-compression must be given together "
                 "(both > 0) or both left at 0 to split `compression` evenly"
             )
+        if self.over_select > 1 and self.sl_mode == "vanilla":
+            raise ConfigError(
+                f"run-config key 'over-select' = {self.over_select!r}: vanilla split learning "
+                "trains its clients one after another, so there is no first to finish; use 1"
+            )
+        if self.adaptive_compression and self.compression_min > self.compression:
+            raise ConfigError(
+                f"run-config key 'compression-min' = {self.compression_min!r} must not exceed "
+                f"'compression' = {self.compression!r} with adaptive-compression"
+            )
 
 
 def _coerce(key: str, raw: Any, type_name: Any) -> Any:
     """Check ``raw`` against the field's declared type; ints are accepted for floats."""
-    expected = {"str": str, "int": int, "float": float}[str(type_name)]
+    expected = {"str": str, "int": int, "float": float, "bool": bool}[str(type_name)]
+    if expected is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"run-config key {key!r}: expected true or false, got {raw!r}")
+        return raw
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise ConfigError(f"run-config key {key!r}: expected {expected.__name__}, got {raw!r}")
     if expected is float and isinstance(raw, int):
@@ -272,5 +297,14 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "start-timeout": _in_range(0, low_open=True),
     "channel": _one_of(*CHANNELS),
     "snr-db": _snr,
+    "profile-mix": _one_of("uniform", "edge", "lognormal"),
+    "server-gflops": _in_range(0, low_open=True),
+    "deadline-s": _in_range(0),
+    "straggler-policy": _one_of("drop", "wait"),
+    "over-select": _in_range(1, 10),
+    "target-upload-s": _in_range(0),
+    "compression-min": _in_range(1e-4, 1),  # ξ is rounded to 4 digits
+    "federated-eval-every": _in_range(0),
+    "federated-eval-fraction": _in_range(0, 0.5, low_open=True),
     "out-dir": _non_empty,
 }

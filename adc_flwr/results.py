@@ -6,15 +6,20 @@
 - ``metrics.csv``: append-only, one row per step or evaluation, with the fixed columns
   :data:`METRIC_COLUMNS` (``kind`` is ``step`` or ``eval``; a value a row does not have,
   or NaN, is a blank cell). Each row is flushed when written; :meth:`RunDir.flush` fsyncs
-  (call it at least once per round, before the checkpoint).
+  (call it at least once per round, before the checkpoint). ``sim_time_s`` is the simulated
+  clock (:mod:`adc_flwr.clock`); the ``fed_accuracy_*`` columns are the federated
+  evaluation over the round's clients (mean, 10th percentile, worst), on eval rows.
+- ``clients.csv``: append-only, one row per sampled client per round
+  (:data:`CLIENT_COLUMNS`), written at the round's end; resumed like ``metrics.csv``.
+- ``profiles.csv``: each partition's link and device (:mod:`adc_flwr.profiles`).
 - ``summary.json`` (atomic write), built with :func:`make_summary`. Keys, always present:
   ``status`` (``completed``, ``failed`` or ``interrupted``), ``stop_reason`` (why a
   completed run stopped: ``"num-server-rounds"`` or ``"budget-mb"``; null otherwise),
   ``error`` (what failed or interrupted it; null when completed), ``rounds``,
   ``test_accuracy``, ``test_loss``, ``bytes_up_act``, ``bytes_up_targets``,
   ``bytes_down_grad``, ``bytes_model_sync``, ``compression_ratio``, ``wall_time_s`` (null
-  when unknown), plus any extra metrics the caller adds. Non-finite floats are written as
-  null, since JSON has no NaN.
+  when unknown), ``sim_time_s``, plus any extra metrics the caller adds. Non-finite floats
+  are written as null, since JSON has no NaN.
 - ``checkpoint.pt``: whatever the strategy needs to resume (``torch.save``, atomic), plus
   how many metric rows had been written when it was taken.
 
@@ -32,7 +37,6 @@ naming the file and what to do; nothing is deleted or rewritten to get past it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -43,6 +47,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
+
+from adc_flwr.round_table import RoundTable, RunDirError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,6 +66,10 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "bytes_model_sync",
     "compression_ratio",
     "wall_time_s",
+    "sim_time_s",
+    "fed_accuracy_mean",
+    "fed_accuracy_p10",
+    "fed_accuracy_min",
 )
 ROW_KINDS = ("step", "eval")
 SUMMARY_METRICS = (
@@ -72,17 +82,33 @@ SUMMARY_METRICS = (
     "bytes_model_sync",
     "compression_ratio",
     "wall_time_s",
+    "sim_time_s",
 )
 SUMMARY_STATUSES = ("completed", "failed", "interrupted")
+# clients.csv: one row per sampled client per round (bytes of this client in this round;
+# simulated seconds; outcome: finished or why it was dropped; federated evaluation if any)
+CLIENT_COLUMNS: tuple[str, ...] = (
+    "round",
+    "partition",
+    "profile",
+    "xi",
+    "bytes_up",
+    "bytes_down",
+    "bytes_model_sync",
+    "compute_s",
+    "transfer_s",
+    "steps",
+    "late_exchanges",
+    "outcome",
+    "fed_accuracy",
+    "fed_examples",
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
+CLIENTS_FILE = "clients.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class RunDirError(RuntimeError):
-    """A run directory's file is damaged or does not fit the run; says which and what to do."""
 
 
 # ---- atomic writes --------------------------------------------------------------------
@@ -156,15 +182,9 @@ def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
 # ---- run directory --------------------------------------------------------------------
 
 
-def _cell(value: Any) -> Any:
-    """A CSV cell: blank for None / NaN, Python scalars for 0-d numpy/torch values."""
-    if value is None:
-        return ""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return value
+def _check_kind(row: Mapping[str, Any]) -> None:
+    if row.get("kind") not in ROW_KINDS:
+        raise ValueError(f"metric row kind {row.get('kind')!r} is not one of {ROW_KINDS}")
 
 
 class RunDir:
@@ -172,8 +192,10 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)  # created by the first write, not by looking
-        self._metrics: IO[str] | None = None
-        self._writer: csv.DictWriter[str] | None = None
+        self.metrics = RoundTable(
+            self.path / METRICS_FILE, METRIC_COLUMNS, atomic_write_text, _check_kind
+        )
+        self.clients = RoundTable(self.path / CLIENTS_FILE, CLIENT_COLUMNS, atomic_write_text)
 
     @property
     def config_path(self) -> Path:
@@ -181,7 +203,11 @@ class RunDir:
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / METRICS_FILE
+        return self.metrics.path
+
+    @property
+    def clients_path(self) -> Path:
+        return self.clients.path
 
     @property
     def summary_path(self) -> Path:
@@ -201,60 +227,25 @@ class RunDir:
         """The stored config, or None before the first write."""
         return _read_json(self.config_path)
 
-    # ---- metrics ----------------------------------------------------------------
-
-    def _open_metrics(self) -> tuple[IO[str], csv.DictWriter[str]]:
-        """Open metrics.csv for appending; write the header once, drop a torn last line."""
-        if self._metrics is None or self._writer is None:
-            path = self.metrics_path
-            header = ",".join(METRIC_COLUMNS)
-            if path.exists() and path.stat().st_size > 0:
-                with path.open("rb") as f:
-                    first = f.readline().decode("utf-8").rstrip("\r\n")
-                    f.seek(-1, os.SEEK_END)
-                    torn = f.read(1) != b"\n"
-                if first != header:
-                    raise ValueError(
-                        f"{path} has columns {first!r}, expected {header!r}; "
-                        "use a new run-name or out-dir"
-                    )
-                if torn:  # a crash mid-row: keep whole rows only
-                    text = path.read_text(encoding="utf-8")
-                    atomic_write_text(path, text[: text.rfind("\n") + 1])
-            else:
-                atomic_write_text(path, header + "\n")
-            self._metrics = path.open("a", encoding="utf-8", newline="")
-            self._writer = csv.DictWriter(
-                self._metrics, fieldnames=METRIC_COLUMNS, lineterminator="\n"
-            )
-        return self._metrics, self._writer
+    # ---- metrics and the per-client table ---------------------------------------
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
-        """Append one row (``kind`` required, missing columns blank) and flush it to the OS."""
-        unknown = set(row) - set(METRIC_COLUMNS)
-        if unknown:
-            raise ValueError(
-                f"unknown metric column(s) {sorted(unknown)}; allowed: {', '.join(METRIC_COLUMNS)}"
-            )
-        if row.get("kind") not in ROW_KINDS:
-            raise ValueError(f"metric row kind {row.get('kind')!r} is not one of {ROW_KINDS}")
-        handle, writer = self._open_metrics()
-        writer.writerow({k: _cell(v) for k, v in row.items()})
-        handle.flush()
+        """Append one metrics row (``kind`` required, missing columns blank)."""
+        self.metrics.append([row])
+
+    def append_clients(self, rows: list[Mapping[str, Any]]) -> None:
+        """Append one round's rows of ``clients.csv``."""
+        self.clients.append(rows)
 
     def flush(self) -> None:
-        """fsync metrics.csv so that rows written so far survive a machine crash."""
-        if self._metrics is not None:
-            self._metrics.flush()
-            os.fsync(self._metrics.fileno())
+        """fsync both tables so that rows written so far survive a machine crash."""
+        self.metrics.flush()
+        self.clients.flush()
 
     def close(self) -> None:
-        """fsync and close metrics.csv (a later append reopens it)."""
-        if self._metrics is not None:
-            self.flush()
-            self._metrics.close()
-        self._metrics = None
-        self._writer = None
+        """fsync and close both tables (a later append reopens them)."""
+        self.metrics.close()
+        self.clients.close()
 
     def __enter__(self) -> RunDir:
         return self
@@ -264,59 +255,26 @@ class RunDir:
 
     def read_metrics(self) -> pd.DataFrame:
         """All metric rows so far (an empty frame with the columns before the first row)."""
-        import pandas as pd  # only readers need pandas
+        return self.metrics.read()
 
-        if not self.metrics_path.exists():
-            return pd.DataFrame(columns=list(METRIC_COLUMNS))
-        return pd.read_csv(self.metrics_path)
+    def read_clients(self) -> pd.DataFrame:
+        """All ``clients.csv`` rows so far."""
+        return self.clients.read()
 
     def truncate_metrics_after(self, server_round: int) -> int:
-        """Drop rows of rounds after ``server_round``, and a torn last line (a crash mid-row).
-
-        Kept rows stay byte for byte as written. Returns how many lines were dropped.
-        """
-        self.close()
-        if not self.metrics_path.exists():
-            return 0
-        text = self.metrics_path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        torn = lines.pop()  # "" when the file ends with a newline
-        header, rows = (lines[0], lines[1:]) if lines else ("", [])
-        if header and header != ",".join(METRIC_COLUMNS):
-            raise RunDirError(
-                f"{self.metrics_path} has columns {header!r}, not those of this version "
-                f"({','.join(METRIC_COLUMNS)}); use a new run-name or out-dir"
-            )
-        round_at = METRIC_COLUMNS.index("round")
-        kept = [
-            row
-            for row in rows
-            if (value := next(csv.reader([row]))[round_at]) and float(value) <= server_round
-        ]
-        dropped = len(rows) - len(kept) + bool(torn)
-        if dropped:
-            atomic_write_text(self.metrics_path, "".join(f"{r}\n" for r in [header, *kept]))
-        return dropped
+        """Drop rows of rounds after ``server_round`` from both tables, and torn last lines
+        (a crash mid-row); kept rows stay byte for byte. Returns the metrics lines dropped."""
+        self.clients.truncate_after(server_round)
+        return self.metrics.truncate_after(server_round)
 
     def step_rows(self) -> int:
         """Complete ``kind=step`` rows in metrics.csv: training steps recorded so far."""
-        if not self.metrics_path.exists():
-            return 0
-        with self.metrics_path.open("rb") as f:
-            lines = f.read().split(b"\n")[1:-1]  # no header, no torn or empty last line
-        return sum(line.startswith(b"step,") for line in lines)
+        return self.metrics.count(prefix=b"step,")
 
     def metric_rows(self, up_to_round: int | None = None) -> int:
         """Complete data rows in metrics.csv (a torn last line does not count), of rounds up
         to ``up_to_round`` when given."""
-        if not self.metrics_path.exists():
-            return 0
-        lines = self.metrics_path.read_text(encoding="utf-8").split("\n")[1:-1]
-        if up_to_round is None:
-            return len(lines)
-        round_at = METRIC_COLUMNS.index("round")
-        rounds = [next(csv.reader([line]))[round_at] for line in lines]
-        return sum(1 for r in rounds if r and float(r) <= up_to_round)
+        return self.metrics.count(up_to_round)
 
     # ---- summary ----------------------------------------------------------------
 

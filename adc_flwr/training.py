@@ -9,6 +9,7 @@ one forward/backward over the packets of all clients in a step, gradients per pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -113,6 +114,11 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one model input."""
+        return self.num_channels, self.image_size, self.image_size
+
     @classmethod
     def for_model(cls, vit: nn.Module, data: DataBundle) -> InputSpec:
         image_size, num_channels = model_input_spec(vit)
@@ -195,6 +201,14 @@ def split_loss(logits: torch.Tensor, targets: torch.Tensor, soft: bool) -> torch
     return -(probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+class ServerStep(NamedTuple):
+    """One server step: its loss, gradients per packet, (samples, tokens) per packet."""
+
+    loss: float
+    grads: list[dict[str, torch.Tensor]]
+    rows: list[tuple[int, int]]
+
+
 class ServerWorker:
     """The server's side: one back step over the packets of all clients in a step."""
 
@@ -210,33 +224,55 @@ class ServerWorker:
         self.optimizer = optimizer
         self.channel = channel  # None: clean; the server draws both directions' noise
 
-    def step(self, packets: list[ReceivedPacket]) -> tuple[float, list[dict[str, torch.Tensor]]]:
+    def step(self, packets: list[ReceivedPacket]) -> ServerStep:
         """Decode, forward all packets as one server batch, backward, step.
 
-        Returns the loss and, per packet, the gradients w.r.t. its transmitted tensors.
+        Returns the loss, per packet the gradients w.r.t. its transmitted tensors, and the
+        (samples, tokens) each packet fed the back (for the simulated clock). Packets of
+        different token counts (clients with their own ξ) go through the back in one group
+        per count; the loss is still the mean over every sample of the step.
         With a channel, each packet's floating wire tensors get uplink noise in place before
         decoding (they stay leaves), and each packet's gradients get downlink noise after
         ``compress_grads``: one SNR draw per message, per client and direction.
         """
-        h_parts, target_parts, leaves = [], [], []
+        h_parts, target_parts, leaves, compressors = [], [], [], []
         for p in packets:
             if self.channel is not None:
                 self.channel.apply_message_(p.tensors)
-            h, grad_leaves = self.compressor.server_decode(p.tensors)  # (B_i, k, d)
+            compressor = p.compressor or self.compressor
+            h, grad_leaves = compressor.server_decode(p.tensors)  # (B_i, k_i, d)
             h_parts.append(h)
             target_parts.append(p.targets)
             leaves.append(grad_leaves)
+            compressors.append(compressor)
         soft = packets[0].soft_targets
-        logits = self.back(torch.cat(h_parts))  # (sum B_i, C)
+        if len({h.shape[1:] for h in h_parts}) == 1:
+            logits = self.back(torch.cat(h_parts))  # (sum B_i, C)
+        else:  # logits keep their packet order: one back pass per token count
+            groups: dict[torch.Size, list[int]] = {}
+            for i, h in enumerate(h_parts):
+                groups.setdefault(h.shape[1:], []).append(i)
+            parts: list[torch.Tensor] = [torch.empty(0)] * len(h_parts)
+            for members in groups.values():
+                out = self.back(torch.cat([h_parts[i] for i in members]))
+                for i, chunk in zip(
+                    members, out.split([len(h_parts[i]) for i in members]), strict=True
+                ):
+                    parts[i] = chunk
+            logits = torch.cat(parts)
         loss = split_loss(logits, torch.cat(target_parts), soft)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        grads = [self.compressor.compress_grads({k: t.grad for k, t in g.items()}) for g in leaves]
+        grads = [
+            c.compress_grads({k: t.grad for k, t in g.items()})
+            for c, g in zip(compressors, leaves, strict=True)
+        ]
         if self.channel is not None:
             for g in grads:
                 self.channel.apply_message_(g)
-        return float(loss.detach()), grads
+        rows = [(int(h.shape[0]), int(h.shape[1])) for h in h_parts]
+        return ServerStep(float(loss.detach()), grads, rows)
 
 
 @torch.no_grad()

@@ -24,9 +24,10 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
     partitioning and sampling are feasible. Loads the dataset (cached per process) and
     builds the model once, which costs about a second for the presets.
     """
-    from adc_flwr.compression import available_methods, build_compressor
+    from adc_flwr.compression import available_methods, build_compressor, get_compressor_class
     from adc_flwr.data import DataError, load_data, run_partitions
     from adc_flwr.model import ModelError, split_vit
+    from adc_flwr.profiles import ProfileError, assign_profiles
     from adc_flwr.training import build_model
 
     cfg = RunConfig.from_run_config(run_config)
@@ -48,11 +49,20 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
                 f"run-config key 'min-nodes' = {cfg.min_nodes}: only {num_partitions} "
                 "SuperNode(s) will run; allowed range is [1, num-supernodes]"
             )
+    if cfg.adaptive_compression:
+        _check_adaptive(cfg, get_compressor_class(cfg.method))
+    try:
+        assign_profiles(cfg.profile_mix, 1, cfg.seed, cfg.profile_trace or None)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from exc
     try:
         data = load_data(cfg.dataset, cfg.data_dir)
         vit = build_model(cfg, data)
         front, _ = split_vit(vit, cfg.split_index)
         build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)
+        if cfg.adaptive_compression:  # the smallest ξ a client may get must build too
+            smallest = cfg.replace(compression=cfg.compression_min)
+            build_compressor(smallest, data.num_classes, hidden_size=front.hidden_size)
         if num_partitions is not None:
             run_partitions(cfg, num_partitions)
     except (DataError, ModelError, ValueError) as exc:
@@ -60,3 +70,21 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
             raise
         raise ConfigError(str(exc)) from exc
     return cfg
+
+
+def _check_adaptive(cfg: RunConfig, method: type) -> None:
+    """Adaptive ξ needs a method whose parameter ``compression`` sets, and no override."""
+    overrides = method.adaptive_overrides
+    if overrides is None:
+        raise ConfigError(
+            f"run-config key 'adaptive-compression' = true: method {cfg.method!r} takes no "
+            "parameter from 'compression' that a client could choose for itself (learned "
+            "parts are sized by it, its group size must divide the batch, or it has none); use "
+            "adc, topk, random-topk, quant or pq"
+        )
+    given = [key for key in overrides if getattr(cfg, key.replace("-", "_"))]
+    if given:
+        raise ConfigError(
+            f"run-config key 'adaptive-compression' = true: {', '.join(map(repr, given))} "
+            f"would fix {cfg.method}'s parameter for every client; leave it at 0"
+        )

@@ -109,7 +109,7 @@ def plain_step_times(method: str, steps: int) -> list[float]:
             )
             for p in packets
         ]
-        _, grads = server.step(received)
+        _, grads, _ = server.step(received)
         for w, s, p, g in zip(workers, setups, packets, grads, strict=True):
             w.apply_grads(s.batch_indices(step), s.encode_seed(1, step), p.plan, g)
         if step + 1 < steps:

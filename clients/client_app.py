@@ -7,6 +7,9 @@ Protocol (DESIGN.md section 3), one exchange per step:
   the config carries this client's own data cursor (batches consumed in earlier rounds).
 - ``train.step`` {gradients for packet s, config}: recompute forward s with its saved plan,
   backward, optimizer step; reply packet s+1, or on the last step the front weights.
+- ``evaluate.held_out`` {front}: federated evaluation on the partition's held-out part.
+- ``train.stop``: the server cut this client from the round (simulated drop-out or
+  straggler): forget the round's state.
 
 Between messages only ``context.state`` survives. Within a round it holds the front, the
 optimizer state and the plan of the packet in flight; between rounds only what the server
@@ -58,9 +61,14 @@ def start(msg: Message, context: Context) -> Message:
     keep = setup.cfg.client_optimizer == "keep"
     moments = _optimizer_state(context) if keep else None
     _clear(context, keep_moments=keep)  # whatever a dropped round left behind
-    worker = setup.worker(record_to_state(msg.content[FRONT]), moments)
+    xi = float(config["compression"])
+    worker = setup.worker(record_to_state(msg.content[FRONT]), moments, xi)
     context.state[ROUND] = ConfigRecord(
-        {"round": int(config["round"]), "batches-done": int(config["batches-done"])}
+        {
+            "round": int(config["round"]),
+            "batches-done": int(config["batches-done"]),
+            "compression": xi,
+        }
     )
     reply = _forward_next(setup, worker, context, step=0, examples=0)
     _save(context, worker)
@@ -76,7 +84,8 @@ def step(msg: Message, context: Context) -> Message:
     """
     setup = _setup(context)
     config = msg.content["config"]
-    worker = setup.worker(load_tensors(context, FRONT), _optimizer_state(context))
+    xi = float(context.state[ROUND]["compression"])
+    worker = setup.worker(load_tensors(context, FRONT), _optimizer_state(context), xi)
     pending = context.state[PENDING]
     meta = context.state[PENDING_META]
     plan = {
@@ -97,6 +106,25 @@ def step(msg: Message, context: Context) -> Message:
         reply[FRONT] = state_to_record(worker.front_state())
     _save(context, worker)
     return Message(reply, reply_to=msg)
+
+
+@app.evaluate("held_out")
+def evaluate_held_out(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the global front on this client's held-out samples; the server
+    runs the back on the activations (nothing of this is stored or counted as traffic)."""
+    setup = _setup(context)
+    h, labels = setup.held_out_activations(record_to_state(msg.content[FRONT]))
+    record = ArrayRecord({"h": h.contiguous(), "labels": labels})
+    return Message(RecordDict({"held-out": record}), reply_to=msg)
+
+
+@app.train("stop")
+def stop(msg: Message, context: Context) -> Message:
+    """The server ended this client's round early (it vanished or was too slow in the
+    simulated clock): forget the round, keep what a finished round would keep."""
+    keep = _setup(context).cfg.client_optimizer == "keep"
+    _clear(context, keep_moments=keep and OPTIM in context.state)
+    return Message(RecordDict(), reply_to=msg)
 
 
 def _setup(context: Context) -> ClientSetup:
@@ -125,7 +153,9 @@ def _forward_next(
     pending = {"idx": torch.from_numpy(idx)} | {f"plan.{k}": v for k, v in packet.plan.items()}
     context.state[PENDING] = ArrayRecord(pending)
     context.state[PENDING_META] = ConfigRecord({"seed": seed, "step": step, "examples": examples})
-    metrics = MetricRecord({"steps-per-epoch": setup.steps_per_epoch, "num-examples": examples})
+    metrics = MetricRecord(
+        {"steps-per-epoch": setup.steps_per_epoch, "num-examples": examples, "batch": len(idx)}
+    )
     return RecordDict(
         {"packet": packet_to_record(packet, setup.cfg.wire_dtype), "metrics": metrics}
     )

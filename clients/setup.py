@@ -14,7 +14,7 @@ import torch
 
 from adc_flwr.compression import Compressor, build_compressor
 from adc_flwr.config import RunConfig
-from adc_flwr.data import BatchCursor, DataBundle, load_data, run_partitions
+from adc_flwr.data import BatchCursor, DataBundle, held_out_split, load_data, run_partitions
 from adc_flwr.model import ClientFront, split_vit
 from adc_flwr.training import (
     ClientWorker,
@@ -49,6 +49,13 @@ def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def compressor_for(cfg: RunConfig, compression: float, num_classes: int) -> Compressor:
+    """The compressor of a client with its own ξ (``adaptive-compression``; methods without
+    learned parts only, so nothing but ξ differs from the run's)."""
+    return build_compressor(cfg.replace(compression=compression), num_classes)
+
+
 @dataclass
 class ClientSetup:
     """One client's view: its partition, batch order and a worker factory."""
@@ -56,8 +63,9 @@ class ClientSetup:
     cfg: RunConfig
     partition_id: int
     data: DataBundle
-    indices: np.ndarray
+    indices: np.ndarray  # what it trains on
     skeleton: ModelSkeleton
+    held_out: np.ndarray  # for federated evaluation only (empty when it is off)
 
     @property
     def cursor_seed(self) -> int:
@@ -74,6 +82,21 @@ class ClientSetup:
         )
         return cursor.next_batch()
 
+    @torch.no_grad()
+    def held_out_activations(
+        self, front_state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Federated evaluation: the client's half of the model on its held-out samples,
+        uncompressed (the compressor's learned encoder only, as central evaluation does):
+        (E, n, d') activations and (E,) labels."""
+        sk = self.skeleton
+        load_modules_state(client_modules(sk.front, sk.compressor), front_state)
+        pixels, labels = sk.spec.batch(self.data.train, self.held_out)
+        sk.front.eval()
+        h, _ = sk.front(pixels, with_cls_attention=False)  # (E, n, d)
+        sk.front.train()
+        return sk.compressor.eval_client(h), labels
+
     def encode_seed(self, server_round: int, step: int) -> int:
         return step_seed(self.cfg.seed, server_round, self.partition_id, step)
 
@@ -81,16 +104,21 @@ class ClientSetup:
         self,
         front_state: dict[str, torch.Tensor],
         optimizer_state: dict[str, torch.Tensor] | None,
+        compression: float | None = None,
     ) -> ClientWorker:
-        """A worker holding ``front_state``, with its optimizer restored when given."""
+        """A worker holding ``front_state``, with its optimizer restored when given, and
+        the compressor for ``compression`` (this client's own ξ; None: the run's)."""
         sk = self.skeleton
-        modules = client_modules(sk.front, sk.compressor)
+        compressor = sk.compressor
+        if compression is not None and compression != self.cfg.compression:
+            compressor = compressor_for(self.cfg, compression, sk.compressor.num_classes)
+        modules = client_modules(sk.front, compressor)
         load_modules_state(modules, front_state)
         params = [p for m in modules.values() for p in m.parameters()]
         optimizer = make_optimizer(params, self.cfg)
         if optimizer_state is not None:
             load_optimizer_tensors(optimizer, optimizer_state)
-        return ClientWorker(sk.front, sk.compressor, optimizer, self.data.train, sk.spec)
+        return ClientWorker(sk.front, compressor, optimizer, self.data.train, sk.spec)
 
 
 def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientSetup:
@@ -99,4 +127,7 @@ def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
     data = load_data(cfg.dataset, cfg.data_dir)
-    return ClientSetup(cfg, partition_id, data, parts[partition_id], model_skeleton(cfg))
+    train, held_out = parts[partition_id], parts[partition_id][:0]
+    if cfg.federated_eval_every:
+        train, held_out = held_out_split(train, cfg.federated_eval_fraction, cfg.seed, partition_id)
+    return ClientSetup(cfg, partition_id, data, train, model_skeleton(cfg), held_out)

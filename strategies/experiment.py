@@ -37,7 +37,7 @@ from adc_flwr.training import (
     modules_state,
 )
 from adc_flwr.validation import validate_run
-from strategies.outcomes import DROP_REASONS
+from strategies.outcomes import DROP_REASONS, drop_key
 from strategies.split_strategy import SplitLearningStrategy
 
 
@@ -101,6 +101,7 @@ def checkpoint_state(strategy: SplitLearningStrategy, server_round: int) -> dict
         "torch_rng": torch.get_rng_state(),
         "channel_rng": None if channel is None else channel.state(),  # noise stream position
         "wall_time_s": strategy.elapsed(),
+        "sim_time_s": strategy.clients.clock.now,
         "stop_reason": strategy.stop_reason,
     }
 
@@ -122,6 +123,7 @@ def restore(strategy: SplitLearningStrategy, state: dict[str, Any]) -> None:
     strategy.start_round = int(state["round"]) + 1
     strategy.global_step = int(state["global_step"])
     strategy.wall_offset = float(state["wall_time_s"])
+    strategy.clients.clock.now = float(state["sim_time_s"])
     strategy.stop_reason = str(state["stop_reason"])
 
 
@@ -233,6 +235,7 @@ def run_summary(
     """The one summary layout: ``rounds`` are the rounds that ran (``history``, a failed
     round included), bytes everything sent, ``drops`` per reason over those rounds."""
     last = history[-1] if history else {}
+    extra.setdefault("sim_time_s", last.get("sim_time_s"))
     return make_summary(
         status,
         test_accuracy=last.get("test_accuracy"),
@@ -241,7 +244,7 @@ def run_summary(
         wall_time_s=wall_time_s,
         history=history,
         drops={
-            reason: sum(int(row.get(f"dropped_{reason}", 0)) for row in history)
+            reason: sum(int(row.get(drop_key(reason), 0)) for row in history)
             for reason in DROP_REASONS
         },
         **total.as_dict(),
@@ -250,6 +253,7 @@ def run_summary(
 
 
 def _summary(strategy: SplitLearningStrategy, status: str, **extra: Any) -> dict[str, Any]:
+    extra.setdefault("sim_time_s", strategy.clients.clock.now)
     return run_summary(
         status, strategy.history, strategy.ledger.total(), strategy.elapsed(), **extra
     )

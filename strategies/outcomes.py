@@ -2,9 +2,11 @@
 
 Every sampled client ends a round in one of a few outcomes: finished, or dropped for a reason
 (``error``: it raised; ``timeout``: no reply in time; ``unavailable``: drawn, but its node was
-gone or still owed a reply from an earlier round). A round with fewer finished clients than
-``min-clients`` fails the run with a message that says which clients and why; a failure
-shared by many clients is told once with its message, not once per client.
+gone or still owed a reply from an earlier round; ``dropped-out`` and ``straggler``: the
+simulated population's drop-outs and slow clients, :mod:`strategies.population`). A round
+with fewer finished clients than ``min-clients`` fails the run with a message that says which
+clients and why; a failure shared by many clients is told once with its message, not once per
+client.
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ from flwr.app import Message
 from adc_flwr.accounting import Traffic
 from strategies.transport import ERROR, TIMEOUT, UNAVAILABLE, Failure
 
-DROP_REASONS = (ERROR, TIMEOUT, UNAVAILABLE)
+DROPPED_OUT = "dropped-out"  # the simulated client vanished mid-round
+STRAGGLER = "straggler"  # too slow for deadline-s, or not among the first (over-select)
+DROP_REASONS = (ERROR, TIMEOUT, UNAVAILABLE, DROPPED_OUT, STRAGGLER)
+
+
+FED_EVAL_KEYS = ("fed_accuracy_mean", "fed_accuracy_p10", "fed_accuracy_min")
+
+
+def drop_key(reason: str) -> str:
+    """The ``history`` column counting ``reason``: ``dropped_error``, ``dropped_dropped_out``."""
+    return f"dropped_{reason.replace('-', '_')}"
+
+
 MAX_LISTED = 8  # partition ids listed per failure group before "and N more"
 
 
@@ -35,6 +49,8 @@ class RoundOutcome:
     finished: dict[int, Message] = field(default_factory=dict)  # partition -> final reply
     failures: dict[int, Failure] = field(default_factory=dict)  # partition -> why dropped
     not_started: list[int] = field(default_factory=list)  # vanilla: budget ran out first
+    offline: int = 0  # partitions not reachable at the round's start (not drawable)
+    fed_eval: dict[int, tuple[float, int]] = field(default_factory=dict)  # accuracy, examples
     losses: list[float] = field(default_factory=list)
     budget_hit: bool = False
 
@@ -57,8 +73,19 @@ class RoundOutcome:
             "sampled": len(self.sampled),
             "clients": len(self.finished),
             "not_started": len(self.not_started),
-            **{f"dropped_{reason}": n for reason, n in self.drop_counts().items()},
+            "offline": self.offline,
+            **self.fed_eval_summary(),
+            **{drop_key(reason): n for reason, n in self.drop_counts().items()},
         }
+
+    def fed_eval_summary(self) -> dict[str, float]:
+        """Federated evaluation over this round's clients: mean, 10th percentile and worst
+        client accuracy (NaN when there was none), each client counted once."""
+        accuracies = np.array([acc for acc, _ in self.fed_eval.values()])
+        if not len(accuracies):
+            return dict.fromkeys(FED_EVAL_KEYS, math.nan)
+        values = (accuracies.mean(), np.percentile(accuracies, 10), accuracies.min())
+        return {k: float(v) for k, v in zip(FED_EVAL_KEYS, values, strict=True)}
 
     def required(self, min_clients: int) -> int:
         """Finished clients this round needs: ``min-clients``, lowered only when the budget
@@ -95,11 +122,21 @@ def describe_failures(failures: dict[int, Failure]) -> str:
     return "; ".join(parts)
 
 
+def _duration(seconds: float) -> str:
+    """Simulated time as people read it: 42.0 s, 12.5 min, 3.2 h."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def round_line(row: dict[str, float], num_rounds: int) -> str:
     """The progress line of one ``history`` row: ``clients 3/4 (1 error)`` and the rest."""
     dropped = ", ".join(
-        [f"{int(row[f'dropped_{r}'])} {r}" for r in DROP_REASONS if row[f"dropped_{r}"]]
+        [f"{int(row[drop_key(r)])} {r}" for r in DROP_REASONS if row.get(drop_key(r))]
         + ([f"{int(row['not_started'])} not started"] if row["not_started"] else [])
+        + ([f"{int(row['offline'])} offline"] if row.get("offline") else [])
     )
     return (
         f"round {int(row['round']):>3}/{num_rounds} | acc {row['test_accuracy']:.4f} | "
@@ -108,5 +145,11 @@ def round_line(row: dict[str, float], num_rounds: int) -> str:
         f"sync {row['mb_model_sync']:.1f} MB | compression {row['compression_ratio']:.4f} | "
         f"clients {row['clients']}/{row['sampled']}"
         + (f" ({dropped})" if dropped else "")
-        + f" | {row['wall_time_s']:.1f} s"
+        + (
+            f" | clients' acc {row['fed_accuracy_mean']:.4f} (p10 "
+            f"{row['fed_accuracy_p10']:.4f}, worst {row['fed_accuracy_min']:.4f})"
+            if not math.isnan(row.get("fed_accuracy_mean", math.nan))
+            else ""
+        )
+        + f" | sim {_duration(row['sim_time_s'])} | {row['wall_time_s']:.1f} s"
     )

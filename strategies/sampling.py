@@ -8,14 +8,34 @@ samples the same partitions whatever the node ids are.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 from flwr.serverapp import Grid
 
 from adc_flwr.config import RunConfig
 from strategies.transport import Transport, discover_partitions
+
+
+@dataclass
+class Draw:
+    """One round's sample.
+
+    Attributes:
+        picks: the partitions drawn, ascending.
+        unavailable: those of them whose node cannot take a message now, with why.
+        offline: partitions not reachable at the round's start (simulated availability).
+        keep: with over-selection, how many of the picks go on after the first exchange.
+    """
+
+    picks: list[int]
+    unavailable: dict[int, str]
+    offline: int = 0
+    keep: int | None = None
 
 
 class PartitionSampler:
@@ -89,19 +109,32 @@ class PartitionSampler:
                 reasons[partition] = ""
         return reasons
 
-    def sample(self, transport: Transport) -> tuple[list[int], dict[int, str]]:
-        """This round's draw: ``clients_per_round`` of all the run's partitions, with the
-        seeded generator, in ascending order; and those of them that cannot train, with why.
-
-        The draw never depends on which partitions are available (a resumed run draws the
-        same), so an unavailable pick is not replaced: it counts against ``min-clients``.
+    def sample(
+        self,
+        transport: Transport,
+        reachable: Callable[[int], np.ndarray] | None = None,
+    ) -> Draw:
+        """This round's draw, in ascending order, with the seeded generator: of the
+        partitions reachable at the round's start (``reachable(N)``, the simulated
+        availability; all when None), ``clients_per_round`` times ``over-select``. Also those
+        picks that cannot train now, with why. The draw never depends on which nodes are
+        registered or busy (a resumed run draws the same), so such a pick is not replaced:
+        it counts against ``min-clients``.
         """
         reasons = self.available(transport)
         if not reasons:
             raise RuntimeError("no SuperNode answered which data partition it holds")
-        count = self.cfg.clients_per_round(len(reasons))
-        picks = sorted(self._rng.sample(range(len(reasons)), count))
-        return picks, {p: reasons[p] for p in picks if reasons[p]}
+        total = len(reasons)
+        count = self.cfg.clients_per_round(total)
+        wanted = min(total, math.ceil(round(count * self.cfg.over_select, 9)))
+        online = range(total) if reachable is None else np.flatnonzero(reachable(total)).tolist()
+        picks = sorted(self._rng.sample(online, min(wanted, len(online))))
+        return Draw(
+            picks=picks,
+            unavailable={p: reasons[p] for p in picks if reasons[p]},
+            offline=total - len(online),
+            keep=count if wanted > count else None,
+        )
 
     def state(self) -> tuple:
         """The generator's state (for checkpoints)."""

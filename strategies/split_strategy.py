@@ -13,12 +13,12 @@ Each client is sent its own data cursor (batches it consumed in earlier rounds).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -29,16 +29,21 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from adc_flwr.accounting import Traffic, TrafficLedger
 from adc_flwr.codec import (
     grads_to_record,
+    record_nbytes,
     record_to_packet,
     record_to_state,
     uncompressed_act_nbytes,
 )
+from adc_flwr.compression import Compressor, build_compressor
 from adc_flwr.config import RunConfig
 from adc_flwr.data import ImageSplit
+from adc_flwr.flops import step_flops
 from adc_flwr.results import RunDir
-from adc_flwr.training import InputSpec, ServerWorker, evaluate, load_modules_state
-from strategies.outcomes import RoundOutcome, describe_failures, round_line
-from strategies.sampling import PartitionSampler
+from adc_flwr.training import InputSpec, ServerWorker, load_modules_state
+from strategies.evaluation import Evaluation
+from strategies.outcomes import STRAGGLER, RoundOutcome, describe_failures
+from strategies.population import DROP_DETAIL, ClientCost, SimulatedClients
+from strategies.sampling import Draw, PartitionSampler
 from strategies.transport import UNAVAILABLE, Failure, Transport
 
 log = logging.getLogger("adc_flwr")
@@ -56,6 +61,7 @@ class ClientRound:
     partition_id: int
     steps: int  # steps it does this round
     packet: ArrayRecord  # the packet in flight
+    batch: int  # samples of the batch behind that packet
     step: int = 0  # steps done
 
     @property
@@ -63,7 +69,7 @@ class ClientRound:
         return self.step + 1 >= self.steps
 
 
-class SplitLearningStrategy(Strategy):
+class SplitLearningStrategy(Evaluation, Strategy):
     """Owns the server back, its optimizer and loss; runs SplitFed or vanilla split learning.
 
     Args:
@@ -109,6 +115,13 @@ class SplitLearningStrategy(Strategy):
         self.transport: Transport | None = None
         self._wall_start = time.perf_counter()
         self._probe_modules: dict[str, torch.nn.Module] | None = None
+        self.clients = SimulatedClients(
+            cfg,
+            lambda: step_flops(front, server.back, server.compressor, spec.pixel_shape),
+            self.front_shape,
+            run_dir,
+        )
+        self._compressors: dict[float, Compressor] = {cfg.compression: server.compressor}
 
     # ---- Flower Strategy interface ------------------------------------------------------
 
@@ -117,11 +130,11 @@ class SplitLearningStrategy(Strategy):
     ) -> Iterable[Message]:
         """``train.start`` for each sampled partition's node: the global front, the round
         config (``config`` entries are added) and that client's own data cursor."""
-        picks, unavailable = self.sample(grid)
+        draw = self.sample(grid, server_round)
         return [
             self.start_message(server_round, arrays, partition, config)
-            for partition in picks
-            if partition not in unavailable
+            for partition in draw.picks
+            if partition not in draw.unavailable
         ]
 
     def aggregate_train(
@@ -158,12 +171,15 @@ class SplitLearningStrategy(Strategy):
 
     # ---- sampling ---------------------------------------------------------------------
 
-    def sample(self, grid: Grid) -> tuple[list[int], dict[int, str]]:
-        """This round's partitions and those that cannot train (see
-        :meth:`PartitionSampler.sample`); each call draws once from the seeded generator."""
+    def sample(self, grid: Grid, server_round: int) -> Draw:
+        """This round's partitions, drawn from those reachable at its start, and those that
+        cannot train (see :meth:`PartitionSampler.sample`); each call draws once from the
+        seeded generator and chooses each pick's ξ."""
         if self.transport is None or self.transport.grid is not grid:
             self.transport = Transport(grid)
-        return self.sampler.sample(self.transport)
+        draw = self.sampler.sample(self.transport, self.clients.reachable(server_round))
+        self.clients.begin_round(draw.picks)
+        return draw
 
     # ---- the split-learning loop --------------------------------------------------------
 
@@ -236,17 +252,19 @@ class SplitLearningStrategy(Strategy):
     ) -> tuple[RoundOutcome, ArrayRecord | None]:
         """One round: SplitFed trains the sampled clients in parallel and averages their
         fronts; vanilla SL trains them one after another, relaying the front."""
-        picks, unavailable = self.sample(grid)
-        outcome = RoundOutcome(sampled=picks)
-        outcome.failures |= {p: Failure(UNAVAILABLE, why) for p, why in unavailable.items()}
-        if unavailable:
+        draw = self.sample(grid, server_round)
+        outcome = RoundOutcome(sampled=draw.picks, offline=draw.offline)
+        outcome.failures |= {p: Failure(UNAVAILABLE, why) for p, why in draw.unavailable.items()}
+        if draw.unavailable:
             self.progress(f"  unavailable: {describe_failures(outcome.failures)}")
-        ready = [p for p in picks if p not in unavailable]
+        ready = [p for p in draw.picks if p not in draw.unavailable]
         if self.cfg.sl_mode == "splitfed":
-            self.train_clients(server_round, arrays, ready, outcome, train_config)
+            self.train_clients(server_round, arrays, ready, outcome, train_config, keep=draw.keep)
+            self.stop_cut_clients(server_round)
             # sum in partition order, not arrival order: float sums then repeat bit for bit
             finished = [outcome.finished[p] for p in sorted(outcome.finished)]
             new_arrays, _ = self.aggregate_train(server_round, finished)
+            self.federated_evaluate(server_round, new_arrays, outcome)
             return outcome, new_arrays
         current = arrays
         for i, partition in enumerate(ready):
@@ -257,7 +275,10 @@ class SplitLearningStrategy(Strategy):
             self.train_clients(server_round, current, [partition], outcome, train_config, last_turn)
             if partition in outcome.finished:
                 current = outcome.finished[partition].content["front"]
-        return outcome, (current if outcome.finished else None)
+        self.stop_cut_clients(server_round)
+        new_arrays = current if outcome.finished else None
+        self.federated_evaluate(server_round, new_arrays, outcome)
+        return outcome, new_arrays
 
     def train_clients(
         self,
@@ -267,11 +288,13 @@ class SplitLearningStrategy(Strategy):
         outcome: RoundOutcome,
         train_config: ConfigRecord | None = None,
         last_turn: bool = True,
+        keep: int | None = None,
     ) -> None:
         """Split-learning steps with ``partitions`` until each has done its steps.
 
         ``last_turn``: no other client trains after these this round (vanilla: the last
-        client's turn), so their last step ends the round.
+        client's turn), so their last step ends the round. ``keep``: over-selection, only
+        the first ``keep`` clients to send their first packet go on.
         """
         sync = Traffic.of_model_sync(arrays)
         starts = {p: self.start_message(server_round, arrays, p, train_config) for p in partitions}
@@ -282,10 +305,17 @@ class SplitLearningStrategy(Strategy):
         timeout = max(self.timeout, self.cfg.start_timeout) if cold else self.timeout
         self.started.update(partitions)
         active: dict[int, ClientRound] = {}
-        for partition, reply in self.exchange(starts, outcome, timeout).items():
-            steps = self.cfg.local_steps or int(reply.content["metrics"]["steps-per-epoch"])
+        replies = self.exchange(starts, outcome, timeout)
+        for partition, reply in replies.items():
+            metrics = reply.content["metrics"]
+            steps = self.cfg.local_steps or int(metrics["steps-per-epoch"])
             node = self.sampler.nodes[partition]
-            active[partition] = ClientRound(node, partition, steps, reply.content["packet"])
+            packet, batch = reply.content["packet"], int(metrics["batch"])
+            active[partition] = ClientRound(node, partition, steps, packet, batch)
+        costs = [
+            ClientCost(p, sync.bytes_model_sync, c.packet, c.batch, 0) for p, c in active.items()
+        ]
+        self._settle(server_round, 0, costs, active, outcome, keep)
         while active:
             loss, grads = self.server_step(server_round, active)
             outcome.losses.append(loss)
@@ -305,17 +335,28 @@ class SplitLearningStrategy(Strategy):
             replies = self.exchange(messages, outcome)
             self.global_step += 1
             self._record_step(server_round, loss)
-            stepped: dict[int, Message] = {}  # replies of the clients that took this step
+            costs = []
             for partition, client in list(active.items()):
                 reply = replies.get(partition)
                 if reply is None:
                     del active[partition]
                     continue
+                up = reply.content["packet" if "packet" in reply.content else "front"]
+                batch = int(reply.content["metrics"].get("batch", 0))
+                down = record_nbytes(grads[partition])
+                costs.append(ClientCost(partition, down, up, batch, client.batch))
+            exchange = 1 + min((c.step for c in active.values()), default=0)
+            kept = self._settle(server_round, exchange, costs, active, outcome)
+            stepped: dict[int, Message] = {}  # replies of the clients that took this step
+            for partition in kept:
+                client, reply = active[partition], replies[partition]
                 self.batches_done[partition] = self.batches_done.get(partition, 0) + 1
                 client.step += 1
+                self.clients.steps[partition] = client.step
                 stepped[partition] = reply
                 if "packet" in reply.content:
                     client.packet = reply.content["packet"]
+                    client.batch = int(reply.content["metrics"]["batch"])
                 else:  # its last step: the reply carries its trained front
                     del active[partition]
                     self.ledger.add(
@@ -324,6 +365,44 @@ class SplitLearningStrategy(Strategy):
                     outcome.finished[partition] = reply
             if probe:
                 self._evaluate_probe(server_round, stepped, outcome)
+
+    def _settle(
+        self,
+        server_round: int,
+        exchange: int,
+        costs: list[ClientCost],
+        active: dict[int, ClientRound],
+        outcome: RoundOutcome,
+        keep: int | None = None,
+    ) -> list[int]:
+        """Run the simulated clock over one exchange's replies; drop from ``active`` the
+        clients that vanished or were too slow (what they sent still counts as sent: a late
+        packet crossed the link); the partitions that go on, ascending."""
+        steps = {p: c.steps for p, c in active.items()}
+        dropped = self.clients.settle(server_round, exchange, costs, steps, keep)
+        for cost in costs:
+            if dropped.get(cost.partition) == STRAGGLER:  # its reply came, too late
+                self.ledger.add(server_round, cost.partition, self.clients.late_traffic(cost))
+        for partition, reason in sorted(dropped.items()):
+            del active[partition]
+            outcome.failures[partition] = Failure(reason, DROP_DETAIL[reason])
+        if dropped:
+            failed = {p: outcome.failures[p] for p in dropped}
+            self.progress(f"  dropped: {describe_failures(failed)}")
+        replied = {c.partition for c in costs}
+        return sorted(p for p in active if p in replied)
+
+    def stop_cut_clients(self, server_round: int) -> None:
+        """``train.stop`` to the clients cut this round: their nodes forget the round's state
+        (nothing of a client should outlive its round; see ``client-optimizer``)."""
+        if not self.clients.to_stop:
+            return
+        config = ConfigRecord({"round": server_round})
+        messages = {
+            p: self.message(p, "train.stop", server_round, config=config)
+            for p in self.idle(sorted(self.clients.to_stop))
+        }
+        self.exchange(messages, None)
 
     def server_step(
         self, server_round: int, active: dict[int, ClientRound]
@@ -336,13 +415,15 @@ class SplitLearningStrategy(Strategy):
         for partition in partitions:
             record = active[partition].packet
             received = record_to_packet(record)
+            received.compressor = self.compressor_for(self.clients.xi[partition])
             packets.append(received)
             # the reference is what method `none` would send for the same batch: B samples
             # (soft-label counts add up to B), all tokens, float32
             batch = int(received.targets.sum()) if received.soft_targets else len(received.targets)
             reference = uncompressed_act_nbytes(batch, *self.front_shape)
             self.ledger.add(server_round, partition, Traffic.of_packet(record, reference))
-        loss, grads = self.server.step(packets)
+        loss, grads, rows = self.server.step(packets)
+        self.clients.server_step(rows)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"server loss is {loss} at round {server_round}, step {self.global_step}: "
@@ -353,10 +434,29 @@ class SplitLearningStrategy(Strategy):
             for p, g in zip(partitions, grads, strict=True)
         }
 
+    def compressor_for(self, xi: float) -> Compressor:
+        """The server side of ξ's compressor (one per ξ used: adaptive-compression)."""
+        if xi not in self._compressors:
+            hidden = self.front_shape[1]
+            num_classes = self.server.compressor.num_classes
+            self._compressors[xi] = build_compressor(
+                self.cfg.replace(compression=xi), num_classes, hidden_size=hidden
+            )
+        return self._compressors[xi]
+
     def budget_spent(self) -> bool:
         return self.cfg.budget_mb > 0 and self.ledger.mb_sent >= self.cfg.budget_mb
 
     # ---- messages -----------------------------------------------------------------------
+
+    def message(self, partition: int, kind: str, server_round: int, **records: Any) -> Message:
+        """A message of type ``kind`` (``train.start``...) to ``partition``'s node."""
+        return Message(
+            RecordDict(records),
+            dst_node_id=self.sampler.nodes[partition],
+            message_type=kind,
+            group_id=str(server_round),
+        )
 
     def start_message(
         self,
@@ -365,21 +465,17 @@ class SplitLearningStrategy(Strategy):
         partition: int,
         extra: ConfigRecord | None = None,
     ) -> Message:
-        """``train.start`` for ``partition``: the front and that client's own data cursor."""
+        """``train.start`` for ``partition``: the front, that client's own data cursor and ξ."""
         config = ConfigRecord(
             {
                 **(extra or {}),
                 "round": server_round,
                 "partition-id": partition,  # the client checks it holds this partition
                 "batches-done": self.batches_done.get(partition, 0),
+                "compression": self.clients.xi.get(partition, self.cfg.compression),
             }
         )
-        return Message(
-            RecordDict({"front": arrays, "config": config}),
-            dst_node_id=self.sampler.nodes[partition],
-            message_type="train.start",
-            group_id=str(server_round),
-        )
+        return self.message(partition, "train.start", server_round, front=arrays, config=config)
 
     def step_message(
         self, server_round: int, client: ClientRound, grads: ArrayRecord, last: bool, probe: bool
@@ -387,117 +483,37 @@ class SplitLearningStrategy(Strategy):
         """``train.step``: gradients of the packet in flight; ``last`` asks for the front
         instead of a next packet, ``probe`` for the front beside it (evaluation only)."""
         config = ConfigRecord({"last": last or client.on_last_step, "probe": probe})
-        return Message(
-            RecordDict({"grads": grads, "config": config}),
-            dst_node_id=client.node_id,
-            message_type="train.step",
-            group_id=str(server_round),
+        return self.message(
+            client.partition_id, "train.step", server_round, grads=grads, config=config
         )
 
     def exchange(
-        self, messages: dict[int, Message], outcome: RoundOutcome, timeout: float | None = None
+        self,
+        messages: dict[int, Message],
+        outcome: RoundOutcome | None,
+        timeout: float | None = None,
     ) -> dict[int, Message]:
-        """Send one message per partition; replies by partition, failures into ``outcome``."""
+        """Send one message per partition; replies by partition, failures into ``outcome``
+        (None: a message outside training, whose failure drops nobody)."""
         if not messages:
             return {}
         partition_of = {m.metadata.dst_node_id: p for p, m in messages.items()}
         assert self.transport is not None  # set by sample()
         result = self.transport.exchange(list(messages.values()), timeout or self.timeout)
         failed = {partition_of[node]: f for node, f in result.failures.items()}
-        if failed:
+        if failed and outcome is not None:
             outcome.failures.update(failed)
             self.progress(f"  dropped: {describe_failures(failed)}")
+        elif failed:
+            kinds = ", ".join(sorted({m.metadata.message_type for m in messages.values()}))
+            self.progress(f"  {kinds} not answered: {describe_failures(failed)}")
         return {partition_of[node]: reply for node, reply in result.replies.items()}
 
-    # ---- evaluation and metrics ---------------------------------------------------------
-
-    def evaluation_due(self, global_step: int) -> bool:
-        return bool(self.cfg.eval_every) and global_step % self.cfg.eval_every == 0
-
-    def _evaluate_probe(
-        self, server_round: int, stepped: dict[int, Message], outcome: RoundOutcome
-    ) -> None:
-        """Mid-round evaluation of the model that exists now: the current back with the
-        average, weighted by examples trained this round, of the clients' current fronts
-        (SplitFed: those of this step and of the clients that already finished the round;
-        vanilla: the client whose turn it is, or whose turn just ended)."""
-        current = dict(stepped)
-        if self.cfg.sl_mode == "splitfed":
-            current = outcome.finished | current
-        fronts = [
-            RecordDict({"front": r.content["front"], "metrics": r.content["metrics"]})
-            for _, r in sorted(current.items())
-        ]
-        if not fronts:
-            return
-        if self._probe_modules is None:
-            self._probe_modules = copy.deepcopy(self.client_modules)
-        average = aggregate_arrayrecords(fronts, "num-examples")
-        load_modules_state(self._probe_modules, record_to_state(average))
-        self._evaluate(server_round, self._probe_modules)
-
-    def _evaluate(
-        self, server_round: int, modules: dict[str, torch.nn.Module]
-    ) -> tuple[float, float]:
-        """Central, uncompressed evaluation of ``modules`` + the back; one eval row."""
-        acc, loss = evaluate(
-            modules,
-            self.server.back,
-            self.test_split,
-            self.spec,
-            self.cfg.eval_batch_size,
-            compressor=self.server.compressor,
-        )
-        if self.run_dir is not None:
-            self.run_dir.append_metrics(
-                {
-                    "kind": "eval",
-                    "round": server_round,
-                    "step": self.global_step,
-                    "test_accuracy": acc,
-                    "test_loss": loss,
-                    **self.ledger.total().as_dict(),
-                    "wall_time_s": self.elapsed(),
-                }
-            )
-        return acc, loss
-
-    def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> dict[str, float]:
-        """Central evaluation of the global front + back, then one progress line."""
-        acc, loss = self._evaluate(server_round, self.client_modules)
-        row = outcome.row(server_round, acc, loss, self.ledger.total())
-        row |= {"steps": self.global_step, "wall_time_s": self.elapsed()}
-        self.history.append(row)
-        if self.run_dir is not None:
-            self.run_dir.flush()
-        self.progress(round_line(row, self.cfg.num_server_rounds))
-        return row
-
-    def _record_evaluate_fn(
-        self,
-        result: Result,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
-        server_round: int,
-        arrays: ArrayRecord,
-    ) -> None:
-        metrics = evaluate_fn(server_round, arrays)
-        if metrics is not None:
-            merged = dict(result.evaluate_metrics_serverapp.get(server_round, {})) | dict(metrics)
-            result.evaluate_metrics_serverapp[server_round] = MetricRecord(merged)
-
-    def _record_step(self, server_round: int, loss: float) -> None:
-        if self.run_dir is None:
-            return
-        self.run_dir.append_metrics(
-            {
-                "kind": "step",
-                "round": server_round,
-                "step": self.global_step,
-                "train_loss": loss,
-                **self.ledger.total().as_dict(),
-                "wall_time_s": self.elapsed(),
-            }
-        )
+    def idle(self, partitions: list[int]) -> list[int]:
+        """Those of ``partitions`` whose node owes no reply (may be sent a message now)."""
+        assert self.transport is not None
+        busy = self.transport.busy_nodes()
+        return [p for p in partitions if self.sampler.nodes[p] not in busy]
 
     # ---- checkpoint support -------------------------------------------------------------
 

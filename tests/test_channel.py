@@ -184,8 +184,8 @@ def test_server_uplink_noise_changes_loss_and_grads_keep_shape(tmp_path: Path) -
         assert torch.equal(p, q)
 
     sent = make_noisy()
-    loss_clean, grads_clean = clean.step(make_clean())
-    loss_noisy, grads_noisy = noisy.step(sent)
+    loss_clean, grads_clean, _ = clean.step(make_clean())
+    loss_noisy, grads_noisy, _ = noisy.step(sent)
     assert math.isfinite(loss_noisy) and loss_noisy != loss_clean
     for p in sent:  # the received leaves got noise in place and stayed leaves
         assert p.tensors["act"].is_leaf and p.tensors["act"].grad is not None
@@ -209,7 +209,7 @@ def test_server_downlink_noise_on_the_gradients(tmp_path: Path) -> None:
         return out
 
     noisy.compressor.compress_grads = keep  # type: ignore[method-assign]
-    _, grads = noisy.step(make())
+    _, grads, _ = noisy.step(make())
     assert len(computed) == 2
     for before, after in zip(computed, grads, strict=True):
         assert abs(measured_snr_db(before, after["act"]) - 0.0) < 0.5
@@ -249,8 +249,8 @@ def test_server_steps_are_deterministic_for_a_packet_order(tmp_path: Path) -> No
         server_and_packets(tmp_path / "b", "awgn"),
     )
     for _ in range(2):
-        loss_a, grads_a = a.step(make_a())
-        loss_b, grads_b = b.step(make_b())
+        loss_a, grads_a, _ = a.step(make_a())
+        loss_b, grads_b, _ = b.step(make_b())
         assert loss_a == loss_b
         for ga, gb in zip(grads_a, grads_b, strict=True):
             assert torch.equal(ga["act"], gb["act"])

@@ -171,7 +171,7 @@ def _protocol_step(server, worker, idx: np.ndarray, seed: int, wire: str):
     """Client forward -> codec -> server step -> codec -> client recompute and step."""
     packet = worker.forward_packet(idx, seed)
     record = packet_to_record(packet, wire)
-    loss, grads = server.step([record_to_packet(record)])
+    loss, grads, _ = server.step([record_to_packet(record)])
     worker.apply_grads(idx, seed, packet.plan, record_to_grads(grads_to_record(grads[0], wire)))
     return loss, record, grads[0]
 

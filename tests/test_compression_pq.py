@@ -251,7 +251,7 @@ def test_one_protocol_step_updates_the_client_front(tmp_path: Path) -> None:
     idx = setup.batch_indices(0)
     packet = worker.forward_packet(idx, seed=11)
     record = packet_to_record(packet, cfg.wire_dtype)
-    _, grads = server.step([record_to_packet(record)])
+    _, grads, _ = server.step([record_to_packet(record)])
     b, n, d = len(idx), worker.front.num_tokens, worker.front.hidden_size
     assert grads[0]["act"].shape == (b, n, d)
     assert 0.095 < act_and_target_nbytes(record)[0] / uncompressed_act_nbytes(b, n, d) < 0.105
@@ -278,7 +278,9 @@ def test_repeated_batch_loss_falls(tmp_path: Path) -> None:
     losses = []
     for seed in range(8):
         packet = worker.forward_packet(idx, seed)
-        loss, grads = strategy.server.step([record_to_packet(packet_to_record(packet, "float32"))])
+        loss, grads, _ = strategy.server.step(
+            [record_to_packet(packet_to_record(packet, "float32"))]
+        )
         worker.apply_grads(
             idx, seed, packet.plan, record_to_grads(grads_to_record(grads[0], "float32"))
         )

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import psutil
 
+from strategies.outcomes import DROP_REASONS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +61,7 @@ def test_flwr_run_trains_sampled_partitions_writes_summary_and_stops(tmp_path: P
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert [(r["sampled"], r["clients"]) for r in summary["history"]] == [(5, 5), (5, 5)]
-    assert summary["drops"] == {"error": 0, "timeout": 0, "unavailable": 0}
+    assert summary["drops"] == dict.fromkeys(DROP_REASONS, 0)
     assert 0 < summary["compression_ratio"] < 0.4
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert (metrics["kind"] == "step").sum() == 2 * 3
@@ -86,4 +88,4 @@ def test_flwr_run_vanilla_trains_every_client(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "out" / "vanilla" / "summary.json").read_text())
     (row,) = summary["history"]
     assert (row["sampled"], row["clients"]) == (3, 3)
-    assert summary["drops"] == {"error": 0, "timeout": 0, "unavailable": 0}
+    assert summary["drops"] == dict.fromkeys(DROP_REASONS, 0)

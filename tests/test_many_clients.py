@@ -14,6 +14,7 @@ from flwr.app import Message
 from adc_flwr.training import ClientWorker
 from clients.setup import client_setup
 from helpers import run_server_app, tiny_config
+from strategies.outcomes import DROP_REASONS
 from strategies.split_strategy import SplitLearningStrategy
 
 
@@ -55,7 +56,7 @@ def test_vanilla_over_three_nodes_trains_three_clients_a_round(
     assert summary["status"] == "completed"
     assert [(h["sampled"], h["clients"]) for h in summary["history"]] == [(3, 3), (3, 3)]
     assert {r: sorted(p) for r, p in log.per_round().items()} == {1: [0, 1, 2], 2: [0, 1, 2]}
-    assert summary["drops"] == {"error": 0, "timeout": 0, "unavailable": 0}
+    assert summary["drops"] == dict.fromkeys(DROP_REASONS, 0)
 
 
 def test_fraction_train_half_of_four_nodes_trains_two(
@@ -125,7 +126,7 @@ def test_eval_every_evaluates_the_clients_current_fronts(
     probes: list[int] = []
     real_evaluate = SplitLearningStrategy._evaluate
 
-    def capture(self, server_round, modules):
+    def capture(self, server_round, modules, extra=None):
         if modules is not self.client_modules:  # a mid-round probe
             if mode == "splitfed":
                 expected = {k: (latest[0][k] + latest[1][k]) / 2 for k in latest[0]}
@@ -134,7 +135,7 @@ def test_eval_every_evaluates_the_clients_current_fronts(
             for name, value in modules["front"].state_dict().items():
                 torch.testing.assert_close(value, expected[f"front.{name}"], atol=1e-6, rtol=0)
             probes.append(self.global_step)
-        return real_evaluate(self, server_round, modules)
+        return real_evaluate(self, server_round, modules, extra)
 
     monkeypatch.setattr(SplitLearningStrategy, "_evaluate", capture)
     summary, _ = run_server_app(cfg, 2, seed=4, before_call=lambda pid, _m: called.append(pid))

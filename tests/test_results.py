@@ -13,6 +13,7 @@ import torch
 from adc_flwr.results import (
     METRIC_COLUMNS,
     RunDir,
+    RunDirError,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
@@ -99,7 +100,7 @@ def test_torn_last_row_is_dropped_on_reopen(tmp_path: Path) -> None:
 
 def test_foreign_metrics_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "metrics.csv").write_text("round,acc\n1,0.5\n")
-    with pytest.raises(ValueError, match="columns"):
+    with pytest.raises(RunDirError, match="columns"):
         RunDir(tmp_path).append_metrics({"kind": "eval", "round": 2})
 
 

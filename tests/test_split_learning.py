@@ -105,9 +105,9 @@ def test_client_optimizer_reset_keeps_nothing_between_rounds(
     started_with: list[bool] = []
     real_worker = ClientSetup.worker
 
-    def worker(self, front_state, optimizer_state):
+    def worker(self, front_state, optimizer_state, compression=None):
         started_with.append(optimizer_state is None)
-        return real_worker(self, front_state, optimizer_state)
+        return real_worker(self, front_state, optimizer_state, compression)
 
     monkeypatch.setattr(ClientSetup, "worker", worker)
     _, grid = train_in_process(cfg, nodes=2)
@@ -171,7 +171,13 @@ def test_failing_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
     assert summary["status"] == "completed"
     assert [h["clients"] for h in summary["history"]] == [2, 2]
     assert [h["sampled"] for h in summary["history"]] == [3, 3]
-    assert summary["drops"] == {"error": 2, "timeout": 0, "unavailable": 0}
+    assert summary["drops"] == {
+        "error": 2,
+        "timeout": 0,
+        "unavailable": 0,
+        "dropped-out": 0,
+        "straggler": 0,
+    }
 
 
 def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> None:
@@ -182,7 +188,13 @@ def test_silent_client_times_out_and_is_not_messaged_again(tmp_path: Path) -> No
     # round 2 draws partition 0 again, but its node still owes the reply to round 1's start:
     # it is not messaged, and counts as unavailable
     assert [h["sampled"] for h in summary["history"]] == [2, 2]
-    assert summary["drops"] == {"error": 0, "timeout": 1, "unavailable": 1}
+    assert summary["drops"] == {
+        "error": 0,
+        "timeout": 1,
+        "unavailable": 1,
+        "dropped-out": 0,
+        "straggler": 0,
+    }
     # 2 info queries; partition 0 got its first start message only
     assert grid.messages_sent == 2 + (1 + (1 + cfg.local_steps)) + (1 + cfg.local_steps)
 
@@ -203,7 +215,13 @@ def test_run_where_every_client_fails_is_failed_with_the_error_once(tmp_path: Pa
     summary = RunDir(cfg.run_dir).read_summary()
     assert summary["status"] == "failed" and "disk full" in summary["error"]
     assert summary["rounds"] == 1
-    assert summary["drops"] == {"error": 4, "timeout": 0, "unavailable": 0}
+    assert summary["drops"] == {
+        "error": 4,
+        "timeout": 0,
+        "unavailable": 0,
+        "dropped-out": 0,
+        "straggler": 0,
+    }
     assert RunDir(cfg.run_dir).load_checkpoint() is None  # a failed round is not checkpointed
 
 
@@ -261,8 +279,8 @@ def test_nan_loss_stops_with_message_and_keeps_metrics(
 
     def nan_on_third(self, packets):
         calls["n"] += 1
-        loss, grads = real_step(self, packets)
-        return (math.nan if calls["n"] == 3 else loss), grads
+        step = real_step(self, packets)
+        return step._replace(loss=math.nan) if calls["n"] == 3 else step
 
     monkeypatch.setattr(experiment.ServerWorker, "step", nan_on_third)
     with pytest.raises(RuntimeError, match="diverged"):

@@ -52,6 +52,7 @@ class ADCCompressor(Compressor):
     """ADC: cluster the batch, average each cluster, keep its most-attended tokens."""
 
     name = "adc"
+    adaptive_overrides = ("batch-compression", "token-compression")
 
     def __init__(
         self,

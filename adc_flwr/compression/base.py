@@ -68,6 +68,9 @@ class Compressor(ABC):
     """
 
     name: ClassVar[str]
+    # ``adaptive-compression``: None when ``compression`` sets no parameter of the method
+    # (or it has learned parts sized by it); else the keys that would override ``compression``
+    adaptive_overrides: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -187,7 +190,15 @@ class Compressor(ABC):
         for methods without learned parts. ``client_part``: a copy of ``client_module()``
         holding the weights to evaluate (e.g. an average being probed) instead of its own.
         """
-        return self._server_part(self._client_part(h, client_part))
+        return self.eval_server(self.eval_client(h, client_part))
+
+    def eval_client(self, h: torch.Tensor, client_part: nn.Module | None = None) -> torch.Tensor:
+        """The client's half of :meth:`eval_forward` (federated evaluation sends its output)."""
+        return self._client_part(h, client_part)
+
+    def eval_server(self, z: torch.Tensor) -> torch.Tensor:
+        """The server's half of :meth:`eval_forward`."""
+        return self._server_part(z)
 
     # ---- learned parts --------------------------------------------------------------
 

@@ -210,6 +210,7 @@ class ProductQuantizer(Compressor):
     """FedLite: per-group K-means codebooks and codes up, dense gradient at ``h_q`` down."""
 
     name = "pq"
+    adaptive_overrides = ("pq-subvectors", "pq-centroids")
 
     def __init__(
         self,

@@ -147,6 +147,7 @@ class QuantCompressor(Compressor):
     """Uniform ``b``-bit quantisation, per token or per tensor, both directions."""
 
     name = "quant"
+    adaptive_overrides = ("quant-bits",)
 
     def __init__(
         self,

@@ -25,15 +25,20 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def get_compressor_class(method: str) -> type[Compressor]:
+    """The class registered as ``method``."""
+    try:
+        return _REGISTRY[method]
+    except KeyError:
+        raise ValueError(
+            f"method={method!r} is not a known compressor; choose one of {available_methods()}"
+        ) from None
+
+
 def build_compressor(
     cfg: RunConfig, num_classes: int, hidden_size: int | None = None
 ) -> Compressor:
     """Instantiate the compressor that ``cfg.method`` names, with its parameters from ``cfg``
     (``hidden_size``: the front's output width d, needed by learned methods)."""
-    try:
-        cls = _REGISTRY[cfg.method]
-    except KeyError:
-        raise ValueError(
-            f"method={cfg.method!r} is not a known compressor; choose one of {available_methods()}"
-        ) from None
+    cls = get_compressor_class(cfg.method)
     return cls.from_config(cfg, num_classes, hidden_size=hidden_size)

@@ -71,6 +71,7 @@ class TopKCompressor(Compressor):
     """Keep the ``K`` largest-magnitude elements of each sample's ``(n·d)`` activation."""
 
     name = "topk"
+    adaptive_overrides = ()
 
     def __init__(self, num_classes: int, *, compression: float = 0.1) -> None:
         """Raises ValueError naming ``compression`` when it is outside (0, 1]."""

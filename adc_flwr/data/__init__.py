@@ -24,6 +24,7 @@ from adc_flwr.data.batches import BatchCursor, to_model_input
 from adc_flwr.data.images import MAX_IMAGE_SIDE, LazyImages
 from adc_flwr.data.partition import (
     PARTITIONERS,
+    held_out_split,
     label_counts,
     partition_indices,
     run_partitions,
@@ -41,6 +42,7 @@ __all__ = [
     "DataError",
     "ImageSplit",
     "LazyImages",
+    "held_out_split",
     "label_counts",
     "load_data",
     "partition_indices",

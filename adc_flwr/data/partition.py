@@ -221,3 +221,21 @@ def run_partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...
             seed=cfg.seed,
         )
     )
+
+
+HELD_OUT_TAG = 0xE7A1  # keeps the held-out draw apart from every other use of the seed
+
+
+def held_out_split(
+    indices: np.ndarray, fraction: float, seed: int, partition_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held out) of one partition: a seeded ``fraction`` of it, at least one sample
+    when it has two or more, is kept for federated evaluation and never trained on. Both
+    keep the partition's order."""
+    if len(indices) < 2:
+        return indices, indices[:0]
+    count = max(1, round(fraction * len(indices)))
+    rng = np.random.default_rng([seed, partition_id, HELD_OUT_TAG])
+    held = np.zeros(len(indices), dtype=bool)
+    held[rng.choice(len(indices), count, replace=False)] = True
+    return indices[~held], indices[held]
