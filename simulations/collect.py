@@ -46,6 +46,7 @@ RESULT_COLUMNS = (
     "rounds",
     "steps",
     "wall_time_s",
+    "sim_time_s",
     "error",
 )
 BYTES_PER_MB = 1e6  # as accounting.py: MB = 1e6 bytes
@@ -141,6 +142,7 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
                 "rounds": summary.get("rounds"),
                 "steps": int((metrics["kind"] == "step").sum()),
                 "wall_time_s": summary.get("wall_time_s"),
+                "sim_time_s": summary.get("sim_time_s"),
                 "error": summary.get("error"),
             }
         )
@@ -182,7 +184,7 @@ def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
     Columns: run, method, level, the keys that vary between runs, then round, step (global
     training steps done before the evaluation), test_accuracy, test_loss, mb_up, mb_down,
-    mb_sync, mb_total, compression_ratio, wall_time_s.
+    mb_sync, mb_total, compression_ratio, wall_time_s, sim_time_s.
     """
     runs = _runs(results_dir)
     swept = [k for k in _swept_keys([c for _, c in runs]) if k != "method"]
@@ -209,7 +211,7 @@ def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
         )
         for key, values in _mb(evals).items():  # cumulative byte counts at each evaluation
             frame[key] = values.to_numpy()
-        for key in ("compression_ratio", "wall_time_s"):
+        for key in ("compression_ratio", "wall_time_s", "sim_time_s"):
             frame[key] = evals[key].to_numpy()
         frames.append(frame)
     if not frames:

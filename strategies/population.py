@@ -212,7 +212,8 @@ class SimulatedClients:
                     "round": server_round,
                     "partition": p,
                     "profile": self.population[p].name,
-                    "xi": self.xi.get(p, self.cfg.compression),
+                    # the `compression` it was given (blank for `none`, which takes none)
+                    "xi": math.nan if self.cfg.method == "none" else self.xi.get(p, math.nan),
                     "bytes_up": up,
                     "bytes_down": down,
                     "bytes_model_sync": sync,
