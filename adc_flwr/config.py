@@ -65,9 +65,9 @@ class RunConfig:
     wire_dtype: str = "float32"
     sl_mode: str = "splitfed"
     num_server_rounds: int = 5
-    local_steps: int = 40
-    batch_size: int = 64
-    lr: float = 1e-3
+    local_steps: int = 100
+    batch_size: int = 128
+    lr: float = 2e-3
     optimizer: str = "adam"
     client_optimizer: str = "reset"
     weight_decay: float = 0.0

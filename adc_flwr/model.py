@@ -41,12 +41,15 @@ __all__ = [
 PRESETS: dict[str, dict[str, int]] = {
     "vit-cpu": {
         # sized for a 2-core CPU: about 3× cheaper per step than width 96 / MLP 384, and it
-        # reached the same Fashion-MNIST accuracy after the same number of split steps
+        # reached the same Fashion-MNIST accuracy after the same number of split steps.
+        # Patches of up to 7 px: 28 px images give 16 patches + CLS (17 tokens, not 50 with
+        # 4 px), about twice the steps per second and better accuracy in a few minutes
+        # (BENCHMARKS.md, "The main job"); 8 px digits keep 2 px patches
         "hidden_size": 64,
         "num_hidden_layers": 6,
         "num_attention_heads": 2,
         "intermediate_size": 128,
-        "patch_size": 4,
+        "patch_size": 7,
         "image_size": 0,
     },
     "deit-tiny": {

@@ -34,12 +34,12 @@ def test_vit_cpu_on_fashion_mnist_shapes() -> None:
     vit = build_vit("vit-cpu", num_classes=10, image_size=28, num_channels=1)
     cfg = vit.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (64, 6, 2)
-    assert (cfg.intermediate_size, cfg.patch_size) == (128, 4)
+    assert (cfg.intermediate_size, cfg.patch_size) == (128, 7)
     assert cfg.hidden_dropout_prob == 0.0 and cfg.attention_probs_dropout_prob == 0.0
     assert cfg._attn_implementation == "sdpa"
     assert model_input_spec(vit) == (28, 1)
     front, _ = split_vit(vit, 3)
-    assert front.num_tokens == 50 and front.hidden_size == 64
+    assert front.num_tokens == 17 and front.hidden_size == 64
     assert vit(torch.zeros(2, 1, 28, 28)).logits.shape == (2, 10)
 
 
@@ -59,7 +59,7 @@ def test_deit_presets_default_to_224(model: str, hidden: int, heads: int, mlp: i
 
 @pytest.mark.parametrize(
     ("model", "image_size", "patch"),
-    [("vit-cpu", 28, 4), ("vit-cpu", 8, 2), ("vit-cpu", 32, 4), ("vit-cpu", 5, 1),
+    [("vit-cpu", 28, 7), ("vit-cpu", 8, 2), ("vit-cpu", 32, 4), ("vit-cpu", 5, 1),
      ("deit-tiny", 224, 16), ("deit-tiny", 32, 8), ("deit-tiny", 28, 7)],
 )  # fmt: skip
 def test_automatic_patch_size(model: str, image_size: int, patch: int) -> None:
