@@ -144,10 +144,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) so that readers see the old or the new file."""
-    data = text.encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_default(obj: Any) -> Any:

@@ -7,12 +7,15 @@ rows of every completed run's ``metrics.csv`` (accuracy against cumulative MB) f
 
     python -m simulations.collect results/paper_sweep [--values test_accuracy] [--long]
 
-prints a markdown pivot (method × compression level -> accuracy) for BENCHMARKS.md.
+prints a markdown pivot (method × compression level -> accuracy) for BENCHMARKS.md; when a
+sweep lists several seeds, each cell is the mean ± standard deviation over them (and their
+number), and :func:`over_seeds` gives the same per point as a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -24,9 +27,16 @@ from typing import Any
 import pandas as pd
 
 from adc_flwr.config import RunConfig
-from adc_flwr.results import CONFIG_FILE, RunDir, RunDirError, atomic_write_text
+from adc_flwr.results import (
+    CONFIG_FILE,
+    RunDir,
+    RunDirError,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 
 TABLE_FILE = "table.csv"
+EVALS_CSV, EVALS_PARQUET = "evals.csv", "evals.parquet"  # the tidy per-evaluation table
 SWEEP_FILE = "sweep.json"  # written by the sweep runner: its points and their statuses
 # the order methods are listed in (DESIGN.md section 2); others follow alphabetically
 METHOD_ORDER = ("none", "adc", "topk", "random-topk", "c3sl", "bottlenet", "quant", "pq")
@@ -162,7 +172,21 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
             .reset_index(drop=True)
         )
     atomic_write_text(Path(results_dir) / TABLE_FILE, table.to_csv(index=False))
+    write_evaluations(results_dir)
     return table
+
+
+def write_evaluations(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The tidy table of a sweep: one row per completed run per evaluation, with every
+    config key of the run (``seed`` included) beside the metrics (accuracy, cumulative MB,
+    wall and simulated time); written atomically as ``evals.csv`` and ``evals.parquet``."""
+    frame = curves(results_dir, all_keys=True)
+    folder = Path(results_dir)
+    atomic_write_text(folder / EVALS_CSV, frame.to_csv(index=False))
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(folder / EVALS_PARQUET, buffer.getvalue())
+    return frame
 
 
 def sweep_results(results_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -178,16 +202,18 @@ def sweep_results(results_dir: str | os.PathLike[str]) -> dict[str, dict[str, An
         ) from exc
 
 
-def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def curves(results_dir: str | os.PathLike[str], all_keys: bool = False) -> pd.DataFrame:
     """Every completed run's evaluation rows: accuracy against cumulative MB (and steps) for
     plots. Runs that failed or did not finish are left out: they are no result.
 
-    Columns: run, method, level, the keys that vary between runs, then round, step (global
+    Columns: run, method, level, the keys that vary between runs (with ``all_keys``: every
+    config key), then round, step (global
     training steps done before the evaluation), test_accuracy, test_loss, mb_up, mb_down,
     mb_sync, mb_total, compression_ratio, wall_time_s, sim_time_s.
     """
     runs = _runs(results_dir)
-    swept = [k for k in _swept_keys([c for _, c in runs]) if k != "method"]
+    keys = CONFIG_KEYS if all_keys else _swept_keys([c for _, c in runs])
+    swept = [k for k in keys if k != "method"]
     frames = []
     for run, config in runs:
         if (run.read_summary() or {}).get("status") != "completed":
@@ -222,22 +248,46 @@ def curves(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
 # ---- markdown -------------------------------------------------------------------------
 
 
-def pivot(table: pd.DataFrame, values: str = "test_accuracy") -> pd.DataFrame:
-    """Completed runs, method (rows) × level or the other swept keys (columns) -> ``values``.
+def _point_keys(table: pd.DataFrame) -> list[str]:
+    """The swept keys that tell points apart: all but the method, the level's own keys and
+    the seed (seeds are repeats of one point)."""
+    return [
+        c
+        for c in table.columns
+        if c in CONFIG_KEYS and c not in ("method", "seed", *LEVEL_KEYS) and table[c].nunique() > 1
+    ]
 
-    The columns are the swept keys besides the method and the level's own keys (an
+
+def pivot(
+    table: pd.DataFrame, values: str = "test_accuracy", aggfunc: str = "mean"
+) -> pd.DataFrame:
+    """Completed runs, method (rows) × level or the other swept keys (columns) -> ``values``,
+    aggregated over seeds with ``aggfunc`` (``mean``, ``std``: sample, NaN for one seed;
+    ``count``).
+
+    The columns are the swept keys besides the method, the seed and the level's own keys (an
     ablation's pooling, batch size, split index), plus the level when it varies; with none
     of those, the level.
     """
     done = table[table["status"] == "completed"]
-    others = [
-        c
-        for c in table.columns
-        if c in CONFIG_KEYS and c not in ("method", *LEVEL_KEYS) and table[c].nunique() > 1
-    ]
+    others = _point_keys(table)
     columns = others + (["level"] if not others or table["level"].nunique() > 1 else [])
-    result = done.pivot_table(index="method", columns=columns, values=values, aggfunc="first")
+    result = done.pivot_table(index="method", columns=columns, values=values, aggfunc=aggfunc)
     return result.loc[sorted(result.index, key=_method_rank)]
+
+
+def over_seeds(
+    table: pd.DataFrame, values: Sequence[str] = ("test_accuracy", "mb_total", "sim_time_s")
+) -> pd.DataFrame:
+    """One row per point (completed runs grouped by everything swept but the seed): the
+    number of seeds and, per value, its mean and sample standard deviation (NaN for one)."""
+    done = table[table["status"] == "completed"]
+    keys = ["method", "level", *_point_keys(table)]
+    grouped = done.groupby(keys, dropna=False, sort=False)
+    stats = grouped[list(values)].agg(["mean", "std"])
+    stats.columns = [f"{value}_{stat}" for value, stat in stats.columns]
+    stats.insert(0, "seeds", grouped.size())
+    return stats.reset_index()
 
 
 def to_markdown(frame: pd.DataFrame, fmt: str = "{:.3f}") -> str:
@@ -266,11 +316,29 @@ def to_markdown(frame: pd.DataFrame, fmt: str = "{:.3f}") -> str:
 
 
 def markdown_pivot(table: pd.DataFrame, values: str = "test_accuracy") -> str:
-    """:func:`pivot` as markdown; MB and seconds with one decimal, the rest with three."""
+    """:func:`pivot` as markdown; MB and seconds with one decimal, the rest with three. With
+    several seeds per point a cell reads ``mean ± std (seeds)``."""
     if table.empty or not (table["status"] == "completed").any():
         return "(no completed runs)"
-    fmt = "{:.1f}" if values.startswith(("mb_", "wall_time")) else "{:.3f}"
-    return to_markdown(pivot(table, values), fmt)
+    fmt = "{:.1f}" if values.startswith(("mb_", "wall_time", "sim_time")) else "{:.3f}"
+    mean = pivot(table, values)
+    if "seed" not in table.columns or table["seed"].nunique() < 2:
+        return to_markdown(mean, fmt)
+    std, count = (
+        pivot(table, values, stat).reindex(index=mean.index, columns=mean.columns)
+        for stat in ("std", "count")
+    )
+    cells = mean.copy().astype(object)
+    for row in mean.index:
+        for column in mean.columns:
+            m, sd, n = mean.at[row, column], std.at[row, column], count.at[row, column]
+            if not n or math.isnan(m):
+                cells.at[row, column] = ""
+            elif math.isnan(sd):
+                cells.at[row, column] = f"{fmt.format(m)} (1)"
+            else:
+                cells.at[row, column] = f"{fmt.format(m)} ± {fmt.format(sd)} ({int(n)})"
+    return to_markdown(cells, fmt)
 
 
 LONG_COLUMNS = (
@@ -310,7 +378,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["collect", "curves", "markdown_pivot", "nominal_level", "pivot", "to_markdown"]
+__all__ = [
+    "collect",
+    "curves",
+    "markdown_pivot",
+    "nominal_level",
+    "over_seeds",
+    "pivot",
+    "to_markdown",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,7 +44,9 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from tqdm import tqdm
 
 from adc_flwr.config import ConfigError, RunConfig
 from adc_flwr.results import RunDir, RunDirError, atomic_write_json
@@ -436,13 +438,15 @@ def run_sweep(
     verbose: bool = False,
     point_timeout: float = 0.0,
     progress: Callable[[str], None] = print,
+    bar_file: IO[str] | None = None,
 ) -> list[PointResult]:
     """Run the selected points one after another; returns what happened to each.
 
     Finished points are skipped; a failed point is recorded and the next one runs.
     ``sweep.json`` records each point's status and error as the sweep goes, so a table
     shows why a point has no results. ``point_timeout`` (seconds, ``flwr`` runner) stops a
-    point that runs longer.
+    point that runs longer. ``bar_file``: where to draw a progress bar (tqdm: the point
+    running, points done / failed / skipped, an ETA); lines then go through the bar.
     """
     if runner not in RUNNERS:
         raise ExperimentError(f"runner {runner!r}: choose one of {RUNNERS}")
@@ -474,18 +478,28 @@ def run_sweep(
         "results": recorded,
     }
     atomic_write_json(out_dir / SWEEP_FILE, record)
+    bar = tqdm(total=n, desc=experiment.name, unit="point", file=bar_file, disable=bar_file is None)
+    if bar_file is not None:
+        progress = bar.write
     inner = progress if verbose else (lambda _line: None)
-    results = []
-    for i, point in enumerate(points, 1):
-        result = _run_point(point, out_dir, runner, nodes, inner, point_timeout)
-        results.append(result)
-        if result.status != "skipped":
-            record["results"][point.name] = {"status": result.status, "error": result.error}
-            atomic_write_json(out_dir / SWEEP_FILE, record)
-        progress(_point_line(i, n, result))
+    results: list[PointResult] = []
+    counts = collections.Counter()
+    with bar:
+        for i, point in enumerate(points, 1):
+            bar.set_postfix_str(
+                f"{point.name} | done {counts['completed']}, failed {counts['failed']}, "
+                f"skipped {counts['skipped']}"
+            )
+            result = _run_point(point, out_dir, runner, nodes, inner, point_timeout)
+            results.append(result)
+            counts[result.status] += 1
+            if result.status != "skipped":
+                record["results"][point.name] = {"status": result.status, "error": result.error}
+                atomic_write_json(out_dir / SWEEP_FILE, record)
+            progress(_point_line(i, n, result))
+            bar.update()
     failed = [r for r in results if r.status == "failed"]
-    done = sum(r.status == "completed" for r in results)
-    skipped = sum(r.status == "skipped" for r in results)
+    done, skipped = counts["completed"], counts["skipped"]
     progress(f"{experiment.name}: {done} ran, {skipped} skipped, {len(failed)} failed")
     for r in failed:
         progress(f"  failed {r.point.name}: {r.error}")
@@ -601,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dry_run=args.dry_run,
             verbose=args.verbose,
             point_timeout=args.point_timeout,
+            bar_file=None if args.dry_run else sys.stderr,
         )
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -138,7 +138,10 @@ class Evaluation(_Base):
         if self.run_dir is not None:
             self.run_dir.append_clients(self.client_rows(server_round, outcome))
             self.run_dir.flush()
-        self.progress(round_line(row, self.cfg.num_server_rounds))
+        rounds_here = server_round - self.start_round + 1  # rounds run by this process
+        per_round = (self.elapsed() - self.wall_offset) / rounds_here
+        eta = per_round * (self.cfg.num_server_rounds - server_round)
+        self.progress(round_line(row, self.cfg.num_server_rounds, eta))
         return row
 
     def client_rows(self, server_round: int, outcome: RoundOutcome) -> list[dict[str, object]]:

@@ -131,8 +131,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def round_line(row: dict[str, float], num_rounds: int) -> str:
-    """The progress line of one ``history`` row: ``clients 3/4 (1 error)`` and the rest."""
+def round_line(row: dict[str, float], num_rounds: int, eta_s: float | None = None) -> str:
+    """The progress line of one ``history`` row: ``clients 3/4 (1 error)`` and the rest;
+    ``eta_s``: the wall time the remaining rounds should take at the pace so far."""
     dropped = ", ".join(
         [f"{int(row[drop_key(r)])} {r}" for r in DROP_REASONS if row.get(drop_key(r))]
         + ([f"{int(row['not_started'])} not started"] if row["not_started"] else [])
@@ -152,4 +153,5 @@ def round_line(row: dict[str, float], num_rounds: int) -> str:
             else ""
         )
         + f" | sim {_duration(row['sim_time_s'])} | {row['wall_time_s']:.1f} s"
+        + (f" | eta {_duration(eta_s)}" if eta_s else "")
     )

@@ -27,7 +27,10 @@ from adc_flwr.profiles import ClientProfile, Population, read_trace, write_profi
 from adc_flwr.results import RunDir
 from adc_flwr.training import InputSpec, build_model
 from adc_flwr.validation import validate_run
+from clients import client_app
 from helpers import run_server_app, tiny_config
+from strategies.experiment import run_experiment
+from strategies.inprocess_grid import InProcessGrid
 from strategies.outcomes import RoundFailed
 from strategies.population import SimulatedClients
 
@@ -331,3 +334,13 @@ def test_ledger_reads_a_round_with_nothing_booked_as_zero() -> None:
     assert ledger.client_round(2, 0).bytes_up_act == 7
     with pytest.raises(KeyError):
         ledger.client_round(1, 0)
+
+
+def test_round_lines_show_the_simulated_clock_and_an_eta(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, num_server_rounds=2, local_steps=1)
+    lines: list[str] = []
+    grid = InProcessGrid(client_app.app, 2, cfg.to_run_config())
+    run_experiment(grid, cfg, progress=lines.append)
+    first, last = (next(x for x in lines if x.startswith(f"round   {r}/2")) for r in (1, 2))
+    assert " | sim " in first and " | eta " in first  # one round left
+    assert " | eta " not in last

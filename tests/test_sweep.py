@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,14 @@ from adc_flwr.compression import available_methods
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir
 from simulations import sweep
-from simulations.collect import RESULT_COLUMNS, TABLE_FILE, collect, curves, markdown_pivot
+from simulations.collect import (
+    RESULT_COLUMNS,
+    TABLE_FILE,
+    collect,
+    curves,
+    markdown_pivot,
+    over_seeds,
+)
 from simulations.sweep import (
     EXPERIMENTS_DIR,
     ExperimentError,
@@ -297,8 +305,11 @@ def test_rerun_skips_finished_points(
     out_dir, _ = smoke_sweep
     before = {p: p.stat().st_mtime_ns for p in out_dir.glob("*/metrics.csv")}
     assert main(["smoke", "--results-root", str(out_dir.parent)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.count("skipped") >= 2 and "0 ran, 2 skipped, 0 failed" in out
+    # the progress bar (stderr): the point running, the counts so far, points done of all
+    assert "adc-c0.25 | done 0, failed 0, skipped 1" in captured.err and "2/2" in captured.err
     assert "| method \\ level | 0.25 | 1 |" in out  # the collected pivot
     assert {p: p.stat().st_mtime_ns for p in out_dir.glob("*/metrics.csv")} == before
 
@@ -432,3 +443,40 @@ def test_flwr_runner_failure_names_the_script_output(
     monkeypatch.setattr(sweep.subprocess, "Popen", FailingPopen)
     with pytest.raises(RuntimeError, match=r"exited 1: starting \| run p did not complete"):
         sweep.run_point_flwr(cfg, 1, lambda _line: None)
+
+
+def test_statistics_over_seeds_match_a_hand_computation() -> None:
+    rows = [
+        ("adc", 0.1, 1, "completed", 0.30, 100.0),
+        ("adc", 0.1, 2, "completed", 0.40, 110.0),
+        ("adc", 0.1, 3, "completed", 0.35, 90.0),
+        ("adc", 0.25, 1, "completed", 0.50, 200.0),
+        ("adc", 0.25, 2, "failed", 0.99, 1.0),  # not a result: left out
+        ("none", 1.0, 1, "completed", 0.60, 800.0),
+        ("none", 1.0, 2, "completed", 0.70, 820.0),
+    ]
+    table = pd.DataFrame(
+        rows, columns=["method", "level", "seed", "status", "test_accuracy", "mb_total"]
+    )
+    table["compression"] = table["level"]
+    stats = over_seeds(table, ["test_accuracy", "mb_total"]).set_index(["method", "level"])
+    adc = stats.loc[("adc", 0.1)]
+    assert adc["seeds"] == 3
+    assert adc["test_accuracy_mean"] == pytest.approx(0.35)
+    assert adc["test_accuracy_std"] == pytest.approx(math.sqrt((0.05**2 + 0.05**2 + 0) / 2))
+    assert adc["mb_total_std"] == pytest.approx(10.0)
+    assert stats.loc[("adc", 0.25), "seeds"] == 1
+    assert math.isnan(stats.loc[("adc", 0.25), "test_accuracy_std"])
+    text = markdown_pivot(table)
+    assert "0.350 ± 0.050 (3)" in text and "0.650 ± 0.071 (2)" in text and "0.500 (1)" in text
+
+
+def test_collect_writes_the_tidy_evaluation_table(smoke_sweep: tuple[Path, str]) -> None:
+    out_dir, _ = smoke_sweep
+    collect(out_dir)
+    csv_frame = pd.read_csv(out_dir / "evals.csv")
+    parquet_frame = pd.read_parquet(out_dir / "evals.parquet")
+    assert len(csv_frame) == len(parquet_frame) == len(curves(out_dir)) > 0
+    for column in ("seed", "method", "batch-size", "test_accuracy", "mb_total", "sim_time_s"):
+        assert column in parquet_frame.columns
+    assert list(parquet_frame["run"]) == list(csv_frame["run"])
