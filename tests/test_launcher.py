@@ -21,7 +21,7 @@ from strategies.experiment import run_experiment
 from strategies.inprocess_grid import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "dataset='digits' method='none' batch-size=16 eval-samples=64 local-steps=3"
+TINY = "dataset='digits' method='none' batch-size=16 eval-samples=64 local-steps=3 lr=0.001"
 FEDERATION = "num-supernodes=2 client-resources-num-cpus=1"
 
 
