@@ -128,7 +128,7 @@ def run_row(
     }
 
 
-DEIT = "model='deit-tiny' batch-size=4 eval-samples=200 eval-batch-size=50"
+DEIT = "model='deit-tiny' batch-size=4 lr=0.001 eval-samples=200 eval-batch-size=50"
 # the vit-cpu shapes BENCHMARKS.md's figures were measured with (the defaults until then)
 SHAPES = "patch-size=4 batch-size=64 lr=0.001"
 
