@@ -55,18 +55,19 @@ class Evaluation(_Base):
             p: self.message(p, "evaluate.held_out", server_round, front=arrays, config=config)
             for p in reachable
         }
-        for partition, reply in sorted(self.exchange(messages, None).items()):
-            record = reply.content["held-out"]
-            labels = torch.from_numpy(record["labels"].numpy())
-            if len(labels) == 0:
-                continue
-            with torch.no_grad():
-                self.server.back.eval()
+        replies = sorted(self.exchange(messages, None).items())
+        self.server.back.eval()
+        with torch.no_grad():
+            for partition, reply in replies:
+                record = reply.content["held-out"]
+                labels = torch.from_numpy(record["labels"].numpy())
+                if len(labels) == 0:
+                    continue
                 h = torch.from_numpy(record["h"].numpy())
                 logits = self.server.back(self.server.compressor.eval_server(h))
-                self.server.back.train()
-            accuracy = float((logits.argmax(dim=1) == labels).float().mean())
-            outcome.fed_eval[partition] = (accuracy, len(labels))
+                accuracy = float((logits.argmax(dim=1) == labels).float().mean())
+                outcome.fed_eval[partition] = (accuracy, len(labels))
+        self.server.back.train()
 
     def evaluation_due(self, global_step: int) -> bool:
         return bool(self.cfg.eval_every) and global_step % self.cfg.eval_every == 0

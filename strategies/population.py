@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord
 
-from adc_flwr.accounting import Traffic
 from adc_flwr.clock import SimClock, Turn
-from adc_flwr.codec import record_nbytes, uncompressed_act_nbytes
+from adc_flwr.codec import record_nbytes
 from adc_flwr.config import RunConfig
 from adc_flwr.flops import StepFlops
 from adc_flwr.profiles import Population, assign_profiles, write_profiles
@@ -60,17 +59,15 @@ class SimulatedClients:
         self,
         cfg: RunConfig,
         step_flops: Callable[[], StepFlops],
-        front_shape: tuple[int, int],
+        reference_packet_bytes: int,
         run_dir: RunDir | None = None,
     ) -> None:
-        """``step_flops`` builds the FLOP counts on first use; ``front_shape``: (n, d) of
-        the front's output."""
+        """``step_flops`` builds the FLOP counts on first use; ``reference_packet_bytes``:
+        what ξ = 1 sends for one full batch (the uncompressed activation)."""
         self.cfg = cfg
         self._step_flops = step_flops
         self._flops: StepFlops | None = None
-        self.front_shape = front_shape
-        # what ξ = 1 would send for one full batch
-        self.reference_packet_bytes = uncompressed_act_nbytes(cfg.batch_size, *front_shape)
+        self.reference_packet_bytes = reference_packet_bytes
         self.run_dir = run_dir
         self.population: Population | None = None
         # profiles come with the number of partitions (setup); time runs from the start
@@ -180,14 +177,6 @@ class SimulatedClients:
         dropped |= dict.fromkeys(cut, STRAGGLER)
         self.to_stop |= dropped.keys()
         return dropped
-
-    def late_traffic(self, cost: ClientCost) -> Traffic:
-        """A straggler's reply: it crossed the link (bytes sent) but trains nothing."""
-        if cost.forward_batch:  # a packet
-            return Traffic.of_packet(
-                cost.reply, uncompressed_act_nbytes(cost.forward_batch, *self.front_shape)
-            )
-        return Traffic.of_model_sync(cost.reply)
 
     def server_step(self, rows: list[tuple[int, int]]) -> None:
         self.clock.server_step(self.flops.server_step(rows))

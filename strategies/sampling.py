@@ -112,11 +112,11 @@ class PartitionSampler:
     def sample(
         self,
         transport: Transport,
-        reachable: Callable[[int], np.ndarray] | None = None,
+        reachable: Callable[[int], np.ndarray],
     ) -> Draw:
         """This round's draw, in ascending order, with the seeded generator: of the
         partitions reachable at the round's start (``reachable(N)``, the simulated
-        availability; all when None), ``clients_per_round`` times ``over-select``. Also those
+        availability), ``clients_per_round`` times ``over-select``. Also those
         picks that cannot train now, with why. The draw never depends on which nodes are
         registered or busy (a resumed run draws the same), so such a pick is not replaced:
         it counts against ``min-clients``.
@@ -127,7 +127,7 @@ class PartitionSampler:
         total = len(reasons)
         count = self.cfg.clients_per_round(total)
         wanted = min(total, math.ceil(round(count * self.cfg.over_select, 9)))
-        online = range(total) if reachable is None else np.flatnonzero(reachable(total)).tolist()
+        online = np.flatnonzero(reachable(total)).tolist()
         picks = sorted(self._rng.sample(online, min(wanted, len(online))))
         return Draw(
             picks=picks,

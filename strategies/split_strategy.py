@@ -29,7 +29,6 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from adc_flwr.accounting import Traffic, TrafficLedger
 from adc_flwr.codec import (
     grads_to_record,
-    record_nbytes,
     record_to_packet,
     record_to_state,
     uncompressed_act_nbytes,
@@ -118,7 +117,7 @@ class SplitLearningStrategy(Evaluation, Strategy):
         self.clients = SimulatedClients(
             cfg,
             lambda: step_flops(front, server.back, server.compressor, spec.pixel_shape),
-            self.front_shape,
+            uncompressed_act_nbytes(cfg.batch_size, *self.front_shape),
             run_dir,
         )
         self._compressors: dict[float, Compressor] = {cfg.compression: server.compressor}
@@ -319,8 +318,9 @@ class SplitLearningStrategy(Evaluation, Strategy):
         while active:
             loss, grads = self.server_step(server_round, active)
             outcome.losses.append(loss)
-            for partition, record in grads.items():
-                self.ledger.add(server_round, partition, Traffic.of_grads(record))
+            grad_traffic = {p: Traffic.of_grads(record) for p, record in grads.items()}
+            for partition, traffic in grad_traffic.items():
+                self.ledger.add(server_round, partition, traffic)
             outcome.budget_hit |= self.budget_spent()
             ends_round = last_turn and all(c.on_last_step for c in active.values())
             probe = (
@@ -343,7 +343,7 @@ class SplitLearningStrategy(Evaluation, Strategy):
                     continue
                 up = reply.content["packet" if "packet" in reply.content else "front"]
                 batch = int(reply.content["metrics"].get("batch", 0))
-                down = record_nbytes(grads[partition])
+                down = grad_traffic[partition].bytes_down_grad
                 costs.append(ClientCost(partition, down, up, batch, client.batch))
             exchange = 1 + min((c.step for c in active.values()), default=0)
             kept = self._settle(server_round, exchange, costs, active, outcome)
@@ -380,17 +380,21 @@ class SplitLearningStrategy(Evaluation, Strategy):
         packet crossed the link); the partitions that go on, ascending."""
         steps = {p: c.steps for p, c in active.items()}
         dropped = self.clients.settle(server_round, exchange, costs, steps, keep)
-        for cost in costs:
-            if dropped.get(cost.partition) == STRAGGLER:  # its reply came, too late
-                self.ledger.add(server_round, cost.partition, self.clients.late_traffic(cost))
+        for cost in costs:  # a straggler's reply came, too late: it crossed the link
+            if dropped.get(cost.partition) == STRAGGLER:
+                late = (
+                    self.packet_traffic(cost.reply, cost.forward_batch)
+                    if cost.forward_batch
+                    else Traffic.of_model_sync(cost.reply)
+                )
+                self.ledger.add(server_round, cost.partition, late)
         for partition, reason in sorted(dropped.items()):
             del active[partition]
             outcome.failures[partition] = Failure(reason, DROP_DETAIL[reason])
         if dropped:
             failed = {p: outcome.failures[p] for p in dropped}
             self.progress(f"  dropped: {describe_failures(failed)}")
-        replied = {c.partition for c in costs}
-        return sorted(p for p in active if p in replied)
+        return sorted(active)  # clients without a reply left ``active`` before
 
     def stop_cut_clients(self, server_round: int) -> None:
         """``train.stop`` to the clients cut this round: their nodes forget the round's state
@@ -417,11 +421,9 @@ class SplitLearningStrategy(Evaluation, Strategy):
             received = record_to_packet(record)
             received.compressor = self.compressor_for(self.clients.xi[partition])
             packets.append(received)
-            # the reference is what method `none` would send for the same batch: B samples
-            # (soft-label counts add up to B), all tokens, float32
+            # soft-label counts add up to the batch
             batch = int(received.targets.sum()) if received.soft_targets else len(received.targets)
-            reference = uncompressed_act_nbytes(batch, *self.front_shape)
-            self.ledger.add(server_round, partition, Traffic.of_packet(record, reference))
+            self.ledger.add(server_round, partition, self.packet_traffic(record, batch))
         loss, grads, rows = self.server.step(packets)
         self.clients.server_step(rows)
         if not math.isfinite(loss):
@@ -433,6 +435,11 @@ class SplitLearningStrategy(Evaluation, Strategy):
             p: grads_to_record(g, self.cfg.wire_dtype)
             for p, g in zip(partitions, grads, strict=True)
         }
+
+    def packet_traffic(self, record: ArrayRecord, batch: int) -> Traffic:
+        """Uplink of one packet of ``batch`` samples; its reference is what method `none`
+        would send for the same batch: B samples, all tokens, float32."""
+        return Traffic.of_packet(record, uncompressed_act_nbytes(batch, *self.front_shape))
 
     def compressor_for(self, xi: float) -> Compressor:
         """The server side of ξ's compressor (one per ξ used: adaptive-compression)."""

@@ -6,6 +6,8 @@ tests/ has no ``__init__.py``: pytest's default (prepend) import mode puts tests
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,15 @@ from clients import client_app as client_module
 from strategies import server_app
 from strategies.experiment import SplitLearningStrategy, build_strategy
 from strategies.inprocess_grid import InProcessGrid
+
+
+def flwr_run_env(out_dir: Path, run_name: str) -> dict[str, str]:
+    """The environment ``scripts/flwr_run.sh`` reads, with this interpreter's tools first."""
+    return os.environ | {
+        "OUT_DIR": str(out_dir),
+        "RUN_NAME": run_name,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
 
 
 def tiny_config(tmp_path: Path, **overrides: object) -> RunConfig:

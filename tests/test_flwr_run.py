@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import psutil
 
+from helpers import flwr_run_env
 from strategies.outcomes import DROP_REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +21,10 @@ def flwr_run(
     run_config: str,
     federation: str = "num-supernodes=2 client-resources-num-cpus=1",
 ) -> subprocess.CompletedProcess:
-    env = os.environ | {
-        "OUT_DIR": str(tmp_path / "out"),
-        "RUN_NAME": run_name,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
     return subprocess.run(
         ["bash", "scripts/flwr_run.sh", run_config, federation],
         cwd=ROOT,
-        env=env,
+        env=flwr_run_env(tmp_path / "out", run_name),
         capture_output=True,
         text=True,
         timeout=600,

@@ -314,7 +314,8 @@ def test_adaptive_xi_is_rounded_but_never_below_compression_min(tmp_path: Path) 
     cfg = tiny_config(
         tmp_path, method="topk", adaptive_compression=True, compression=0.5, compression_min=0.01234
     )
-    clients = SimulatedClients(cfg, lambda: None, (50, 64))  # type: ignore[arg-type, return-value]
+    reference = uncompressed_act_nbytes(cfg.batch_size, 50, 64)
+    clients = SimulatedClients(cfg, lambda: None, reference)  # type: ignore[arg-type, return-value]
     clients.population = Population([FAST, FAST, FAST, SLOW], seed=0)
     # SLOW: 0.5 * 1 / 100 = 0.005, floored at compression-min rounded up to 4 digits
     assert clients.choose_xi(3) == 0.0124 and clients.choose_xi(0) == 0.5

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import psutil
 import pytest
 
 from clients import client_app as client_module
-from helpers import tiny_config
+from helpers import flwr_run_env, tiny_config
 from simulations.sweep import main as sweep_main
 from strategies.experiment import run_experiment
 from strategies.inprocess_grid import InProcessGrid
@@ -31,15 +30,10 @@ def private_dirs() -> set[Path]:
 
 
 def launch(out: Path, name: str, run_config: str, **popen: object) -> subprocess.Popen:
-    env = os.environ | {
-        "OUT_DIR": str(out),
-        "RUN_NAME": name,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
     return subprocess.Popen(
         ["bash", "scripts/flwr_run.sh", run_config, FEDERATION],
         cwd=ROOT,
-        env=env,
+        env=flwr_run_env(out, name),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
