@@ -308,3 +308,23 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "federated-eval-fraction": _in_range(0, 0.5, low_open=True),
     "out-dir": _non_empty,
 }
+
+
+def nominal_level(config: Mapping[str, Any]) -> float:
+    """The compression level a run was swept at, on one axis for every method.
+
+    ``compression``, except: 1 for ``none``; 1/R for C3-SL with ``c3sl-r``; bits/32 for
+    quant with ``quant-bits``; xi_b·xi_t for ADC with both given. The measured ratio is
+    ``compression_ratio``; this is the knob, for grouping and pivots.
+    """
+    method = config.get("method")
+    if method == "none":
+        return 1.0
+    if method == "c3sl" and config.get("c3sl-r", 0) > 0:
+        return 1.0 / config["c3sl-r"]
+    if method == "quant" and config.get("quant-bits", 0) > 0:
+        return config["quant-bits"] / 32
+    xi_b, xi_t = config.get("batch-compression", 0.0), config.get("token-compression", 0.0)
+    if method == "adc" and xi_b > 0 and xi_t > 0:
+        return xi_b * xi_t
+    return float(config.get("compression", RunConfig.compression))

@@ -12,6 +12,7 @@
 - ``clients.csv``: append-only, one row per sampled client per round
   (:data:`CLIENT_COLUMNS`), written at the round's end; resumed like ``metrics.csv``.
 - ``profiles.csv``: each partition's link and device (:mod:`adc_flwr.profiles`).
+- ``partitions.csv``: each partition's train samples per class (before any held-out share).
 - ``summary.json`` (atomic write), built with :func:`make_summary`. Keys, always present:
   ``status`` (``completed``, ``failed`` or ``interrupted``), ``stop_reason`` (why a
   completed run stopped: ``"num-server-rounds"`` or ``"budget-mb"``; null otherwise),
@@ -107,6 +108,8 @@ CLIENT_COLUMNS: tuple[str, ...] = (
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 CLIENTS_FILE = "clients.csv"
+PROFILES_FILE = "profiles.csv"
+PARTITIONS_FILE = "partitions.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -1,9 +1,17 @@
-"""Gather a sweep's run directories into one table (and accuracy-vs-MB curves).
+"""Gather a sweep's run directories into tables that notebooks and BENCHMARKS.md read.
 
-:func:`collect` reads every ``<results_dir>/<run>/config.json`` + ``summary.json`` (one row
-per run) and writes ``<results_dir>/table.csv`` atomically, so notebooks and BENCHMARKS.md
-read one file rather than walking run directories. :func:`curves` returns the evaluation
-rows of every completed run's ``metrics.csv`` (accuracy against cumulative MB) for plots.
+:func:`collect` reads every ``<results_dir>/<run>/config.json`` + ``summary.json`` and
+writes, atomically, beside the runs:
+
+- ``table.csv``: one row per run (status, why it stopped, final accuracy, MB, times);
+- ``evals.csv`` / ``.parquet``: one row per completed run per evaluation, every config key
+  beside accuracy, cumulative MB and wall and simulated time (:func:`curves`);
+- ``clients.csv`` / ``.parquet``: one row per sampled client per round (:func:`client_rounds`);
+- ``partitions.csv`` / ``.parquet``: train samples per class per partition
+  (:func:`partition_counts`).
+
+The tables are all a notebook needs, so results can ship without their run directories
+(``simulations/results/``); collecting a folder with no runs leaves its tables alone.
 
     python -m simulations.collect results/paper_sweep [--values test_accuracy] [--long]
 
@@ -26,9 +34,11 @@ from typing import Any
 
 import pandas as pd
 
-from adc_flwr.config import RunConfig
+from adc_flwr.config import RunConfig, nominal_level
 from adc_flwr.results import (
+    CLIENT_COLUMNS,
     CONFIG_FILE,
+    PARTITIONS_FILE,
     RunDir,
     RunDirError,
     atomic_write_bytes,
@@ -36,7 +46,9 @@ from adc_flwr.results import (
 )
 
 TABLE_FILE = "table.csv"
-EVALS_CSV, EVALS_PARQUET = "evals.csv", "evals.parquet"  # the tidy per-evaluation table
+# the tidy tables of a sweep, each as csv and parquet: one row per run per evaluation (every
+# config key), per client per round (clients.csv) and per partition per class (partitions.csv)
+EVALS, CLIENTS, PARTITIONS = "evals", "clients", "partitions"
 SWEEP_FILE = "sweep.json"  # written by the sweep runner: its points and their statuses
 # the order methods are listed in (DESIGN.md section 2); others follow alphabetically
 METHOD_ORDER = ("none", "adc", "topk", "random-topk", "c3sl", "bottlenet", "quant", "pq")
@@ -60,26 +72,6 @@ RESULT_COLUMNS = (
     "error",
 )
 BYTES_PER_MB = 1e6  # as accounting.py: MB = 1e6 bytes
-
-
-def nominal_level(config: Mapping[str, Any]) -> float:
-    """The compression level a run was swept at, on one axis for every method.
-
-    ``compression``, except: 1 for ``none``; 1/R for C3-SL with ``c3sl-r``; bits/32 for
-    quant with ``quant-bits``; xi_b·xi_t for ADC with both given. The measured ratio is
-    ``compression_ratio``; this is the knob, for grouping and pivots.
-    """
-    method = config.get("method")
-    if method == "none":
-        return 1.0
-    if method == "c3sl" and config.get("c3sl-r", 0) > 0:
-        return 1.0 / config["c3sl-r"]
-    if method == "quant" and config.get("quant-bits", 0) > 0:
-        return config["quant-bits"] / 32
-    xi_b, xi_t = config.get("batch-compression", 0.0), config.get("token-compression", 0.0)
-    if method == "adc" and xi_b > 0 and xi_t > 0:
-        return xi_b * xi_t
-    return float(config.get("compression", RunConfig.compression))
 
 
 def _runs(results_dir: str | os.PathLike[str]) -> list[tuple[RunDir, dict[str, Any]]]:
@@ -130,8 +122,11 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     failed before it made a run directory still has its row, with its error.
     """
     runs = _runs(results_dir)
-    swept = [k for k in _swept_keys([c for _, c in runs]) if k not in ("method", "compression")]
     recorded = sweep_results(results_dir)
+    if not runs and not recorded:
+        # e.g. shipped tables without their run directories: leave them as they are
+        raise FileNotFoundError(f"{results_dir} holds no run directories and no {SWEEP_FILE}")
+    swept = [k for k in _swept_keys([c for _, c in runs]) if k not in ("method", "compression")]
     rows = []
     for run, config in runs:
         summary = run.read_summary() or recorded.get(run.path.name, {})
@@ -172,21 +167,83 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
             .reset_index(drop=True)
         )
     atomic_write_text(Path(results_dir) / TABLE_FILE, table.to_csv(index=False))
-    write_evaluations(results_dir)
+    write_tidy(results_dir, EVALS, curves(results_dir, all_keys=True))
+    write_tidy(results_dir, CLIENTS, client_rounds(results_dir))
+    write_tidy(results_dir, PARTITIONS, partition_counts(results_dir))
     return table
 
 
-def write_evaluations(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """The tidy table of a sweep: one row per completed run per evaluation, with every
-    config key of the run (``seed`` included) beside the metrics (accuracy, cumulative MB,
-    wall and simulated time); written atomically as ``evals.csv`` and ``evals.parquet``."""
-    frame = curves(results_dir, all_keys=True)
+def write_tidy(results_dir: str | os.PathLike[str], name: str, frame: pd.DataFrame) -> None:
+    """Write ``frame`` atomically as ``<name>.csv`` and ``<name>.parquet``."""
     folder = Path(results_dir)
-    atomic_write_text(folder / EVALS_CSV, frame.to_csv(index=False))
+    atomic_write_text(folder / f"{name}.csv", frame.to_csv(index=False))
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    atomic_write_bytes(folder / EVALS_PARQUET, buffer.getvalue())
-    return frame
+    atomic_write_bytes(folder / f"{name}.parquet", buffer.getvalue())
+
+
+def _completed(results_dir: str | os.PathLike[str]) -> list[tuple[RunDir, dict[str, Any]]]:
+    return [
+        (run, config)
+        for run, config in _runs(results_dir)
+        if (run.read_summary() or {}).get("status") == "completed"
+    ]
+
+
+def _run_columns(run: RunDir, config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The columns that name a run in the per-run tables: run, method, level, ``keys``."""
+    return {
+        "run": run.path.name,
+        "method": config.get("method"),
+        "level": nominal_level(config),
+        **{k: config.get(k) for k in keys},
+    }
+
+
+def _naming_keys(runs: Sequence[tuple[RunDir, Mapping[str, Any]]]) -> list[str]:
+    """The keys that vary between runs, plus ``seed`` always (join on ``run`` for more)."""
+    swept = [k for k in _swept_keys([c for _, c in runs]) if k != "method"]
+    return swept if "seed" in swept else [*swept, "seed"]
+
+
+def client_rounds(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every completed run's ``clients.csv`` (one row per sampled client per round), with
+    the run's name, method, level, seed and the keys that vary between runs in front."""
+    runs = _completed(results_dir)
+    keys = _naming_keys(runs)
+    frames = []
+    for run, config in runs:
+        rows = run.read_clients()
+        if not rows.empty:
+            frames.append(rows.assign(**_run_columns(run, config, keys)))
+    if not frames:
+        return pd.DataFrame(columns=["run", "method", "level", *keys, *CLIENT_COLUMNS])
+    frame = pd.concat(frames, ignore_index=True)
+    front = [c for c in frame.columns if c not in CLIENT_COLUMNS]
+    return frame[front + [c for c in frame.columns if c in CLIENT_COLUMNS]]
+
+
+def partition_counts(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every completed run's ``partitions.csv`` in long form: run, method, level, seed, the
+    keys that vary between runs, then partition_id, label, count (train samples)."""
+    runs = _completed(results_dir)
+    keys = _naming_keys(runs)
+    frames = []
+    for run, config in runs:
+        path = run.path / PARTITIONS_FILE
+        if not path.is_file():  # runs made before runs recorded their partitions
+            continue
+        wide = pd.read_csv(path, index_col="partition_id").drop(columns="total")
+        long = wide.melt(ignore_index=False, var_name="label", value_name="count").reset_index()
+        long["label"] = long["label"].astype(int)
+        frames.append(long.assign(**_run_columns(run, config, keys)))
+    if not frames:
+        return pd.DataFrame(
+            columns=["run", "method", "level", *keys, "partition_id", "label", "count"]
+        )
+    frame = pd.concat(frames, ignore_index=True)
+    front = [c for c in frame.columns if c not in ("partition_id", "label", "count")]
+    return frame[[*front, "partition_id", "label", "count"]]
 
 
 def sweep_results(results_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -215,9 +272,7 @@ def curves(results_dir: str | os.PathLike[str], all_keys: bool = False) -> pd.Da
     keys = CONFIG_KEYS if all_keys else _swept_keys([c for _, c in runs])
     swept = [k for k in keys if k != "method"]
     frames = []
-    for run, config in runs:
-        if (run.read_summary() or {}).get("status") != "completed":
-            continue
+    for run, config in _completed(results_dir):
         metrics = run.read_metrics()
         steps_done = (metrics["kind"] == "step").cumsum()
         evals = metrics[metrics["kind"] == "eval"]
@@ -362,11 +417,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--values", default="test_accuracy", help="pivot cell column")
     parser.add_argument("--long", action="store_true", help="also print one row per run")
     args = parser.parse_args(argv)
+    shipped = Path(args.results_dir) / TABLE_FILE
     try:
         table = collect(args.results_dir)
     except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if not shipped.is_file():
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # tables without their runs (simulations/results/): show them, rewrite nothing
+        print(f"{args.results_dir} holds no run directories: its {TABLE_FILE} as it is")
+        table = pd.read_csv(shipped)
     if args.values not in table.columns:
         print(f"error: --values {args.values!r} is not a column of {TABLE_FILE}", file=sys.stderr)
         return 2

@@ -22,10 +22,11 @@ from flwr.app import ArrayRecord
 
 from adc_flwr.clock import SimClock, Turn
 from adc_flwr.codec import record_nbytes
-from adc_flwr.config import RunConfig
+from adc_flwr.config import RunConfig, nominal_level
+from adc_flwr.data import write_partition_counts
 from adc_flwr.flops import StepFlops
 from adc_flwr.profiles import Population, assign_profiles, write_profiles
-from adc_flwr.results import RunDir
+from adc_flwr.results import PARTITIONS_FILE, PROFILES_FILE, RunDir
 from strategies.outcomes import DROPPED_OUT, STRAGGLER
 
 FINISHED = "finished"
@@ -79,7 +80,8 @@ class SimulatedClients:
     # ---- population ---------------------------------------------------------------------
 
     def setup(self, num_partitions: int) -> None:
-        """Assign profiles once the number of partitions is known; write ``profiles.csv``."""
+        """Assign profiles once the number of partitions is known; write ``profiles.csv`` and
+        ``partitions.csv`` (samples per class per partition)."""
         if self.population is not None and len(self.population) == num_partitions:
             return
         profiles = assign_profiles(
@@ -88,7 +90,8 @@ class SimulatedClients:
         self.population = Population(profiles, self.cfg.seed)
         self.clock.population = self.population
         if self.run_dir is not None:
-            write_profiles(self.run_dir.path / "profiles.csv", profiles)
+            write_profiles(self.run_dir.path / PROFILES_FILE, profiles)
+            write_partition_counts(self.run_dir.path / PARTITIONS_FILE, self.cfg, num_partitions)
 
     def reachable(self, server_round: int) -> Callable[[int], np.ndarray]:
         """For the sampler: who can be drawn at this round's start, once N is known."""
@@ -138,6 +141,15 @@ class SimulatedClients:
             xi = cfg.compression * profile.uplink_mbps / self.population.median_uplink_mbps
         lowest = math.ceil(cfg.compression_min * 1e4) / 1e4  # rounding never goes below it
         return min(cfg.compression, max(lowest, round(xi, 4)))
+
+    def recorded_xi(self, partition: int) -> float:
+        """ξ for ``clients.csv``: the client's own with adaptive compression, else the run's
+        level (bits/32 for quant with `quant-bits`, 1/R for C3-SL); blank for `none`."""
+        if self.cfg.method == "none":
+            return math.nan
+        if self.cfg.adaptive_compression:
+            return self.xi.get(partition, math.nan)
+        return nominal_level(self.cfg.to_run_config())
 
     def exchange_flops_per_sample(self) -> float:
         """Client FLOPs per sample of a middle step: recompute, backward, next forward."""
@@ -201,8 +213,7 @@ class SimulatedClients:
                     "round": server_round,
                     "partition": p,
                     "profile": self.population[p].name,
-                    # the `compression` it was given (blank for `none`, which takes none)
-                    "xi": math.nan if self.cfg.method == "none" else self.xi.get(p, math.nan),
+                    "xi": self.recorded_xi(p),
                     "bytes_up": up,
                     "bytes_down": down,
                     "bytes_model_sync": sync,

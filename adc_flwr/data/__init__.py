@@ -28,6 +28,7 @@ from adc_flwr.data.partition import (
     label_counts,
     partition_indices,
     run_partitions,
+    write_partition_counts,
 )
 from adc_flwr.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_data
 from adc_flwr.data.splits import DataBundle, DataError, ImageSplit
@@ -48,4 +49,5 @@ __all__ = [
     "partition_indices",
     "run_partitions",
     "to_model_input",
+    "write_partition_counts",
 ]

@@ -8,6 +8,7 @@ partitions from the seed, without touching an image.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -221,6 +222,22 @@ def run_partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...
             seed=cfg.seed,
         )
     )
+
+
+def write_partition_counts(
+    path: str | os.PathLike[str], cfg: RunConfig, num_partitions: int
+) -> None:
+    """Write the run's train samples per class per partition (``partitions.csv``: one row
+    per partition, a column per class id, ``total``) atomically, so studies of non-IID data
+    read the partitions a run trained on rather than rebuilding them."""
+    from adc_flwr.data.sources import load_data
+    from adc_flwr.results import atomic_write_text
+
+    data = load_data(cfg.dataset, cfg.data_dir)
+    counts = label_counts(
+        data.train.labels, list(run_partitions(cfg, num_partitions)), data.num_classes
+    )
+    atomic_write_text(path, counts.to_csv())
 
 
 HELD_OUT_TAG = 0xE7A1  # keeps the held-out draw apart from every other use of the seed

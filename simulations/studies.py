@@ -1,0 +1,249 @@
+"""What the study notebooks compute from a sweep's tables, kept out of the notebooks so it is
+tested: labels, means over seeds, the cost of reaching an accuracy, where client time goes.
+
+Everything here reads the tables :func:`simulations.collect.collect` writes (``table.csv``,
+``evals``, ``clients``, ``partitions``); nothing trains or reads run directories, so the
+notebooks run on the tables shipped under ``simulations/results/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from simulations.collect import CLIENTS, EVALS, PARTITIONS, TABLE_FILE, over_seeds
+
+SHIPPED = Path(__file__).resolve().parent / "results"
+FIGURES_ENV = "ADC_FIGURES"  # where notebooks save PNGs; default: beside the tables
+
+
+@dataclass
+class Study:
+    """A sweep's tables: ``table`` (one row per run) and the tidy ``evals``, ``clients``
+    and ``partitions`` (empty when the sweep did not record them)."""
+
+    folder: Path
+    table: pd.DataFrame
+    evals: pd.DataFrame
+    clients: pd.DataFrame
+    partitions: pd.DataFrame
+
+    @property
+    def completed(self) -> pd.DataFrame:
+        return self.table[self.table["status"] == "completed"]
+
+    def attach(self, frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+        """``frame`` (with a ``run`` column) plus the config ``keys`` it lacks, taken from
+        each run's evaluations (``evals`` has every config key): a key one sweep did not
+        vary is not a column of its other tables."""
+        missing = [k for k in keys if k not in frame.columns]
+        if not missing:
+            return frame
+        if self.evals.empty or any(k not in self.evals.columns for k in missing):
+            raise KeyError(f"{missing} are not config keys of {self.folder}'s runs")
+        runs = self.evals.drop_duplicates("run")[["run", *missing]]
+        return frame.merge(runs, on="run", how="left")
+
+    def figure_path(self, name: str) -> Path:
+        """``<ADC_FIGURES or the tables' folder>/<name>.png``."""
+        folder = Path(os.environ.get(FIGURES_ENV) or self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{name}.png"
+
+
+def load_study(folder: str | os.PathLike[str]) -> Study:
+    """Read a sweep's tables (parquet where written, else csv)."""
+    folder = Path(folder).expanduser().resolve()
+    if not (folder / TABLE_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder / TABLE_FILE} not found: run the sweep, then "
+            f"`python -m simulations.collect {folder}`"
+        )
+
+    def tidy(name: str) -> pd.DataFrame:
+        for suffix, read in ((".parquet", pd.read_parquet), (".csv", pd.read_csv)):
+            if (folder / f"{name}{suffix}").is_file():
+                return read(folder / f"{name}{suffix}")
+        return pd.DataFrame()
+
+    table = pd.read_csv(folder / TABLE_FILE)
+    return Study(folder, table, tidy(EVALS), tidy(CLIENTS), tidy(PARTITIONS))
+
+
+# ---- naming points --------------------------------------------------------------------
+
+
+def point_label(row: pd.Series) -> str:
+    """A method at its level as a reader says it: ``none``, ``adc 0.1``, ``quant 3 bit``,
+    ``c3sl R=8``, ``adc adaptive`` (the swept knob, not the measured ratio)."""
+    method = row["method"]
+    if method == "none":
+        return "none"
+    if bool(row.get("adaptive-compression", False)):
+        return f"{method} adaptive"
+    if method == "quant" and row.get("quant-bits", 0) and not _missing(row.get("quant-bits")):
+        return f"quant {int(row['quant-bits'])} bit"
+    if method == "c3sl" and row.get("c3sl-r", 0) and not _missing(row.get("c3sl-r")):
+        return f"c3sl R={int(row['c3sl-r'])}"
+    return f"{method} {row['level']:g}"
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def with_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``point`` column (:func:`point_label`)."""
+    if frame.empty:
+        return frame.assign(point=pd.Series(dtype=str))
+    return frame.assign(point=frame.apply(point_label, axis=1))
+
+
+# ---- over seeds -----------------------------------------------------------------------
+
+
+def seed_curves(evals: pd.DataFrame, x: str, by: Sequence[str] = ("point",)) -> pd.DataFrame:
+    """Curves averaged over seeds: the k-th evaluation of every run of a point, grouped.
+
+    Runs of one point evaluate on one schedule (every ``eval-every`` steps and at the end),
+    so the k-th evaluations belong together even where the last one falls on a slightly
+    different step (a budget). Columns: ``by``, k, seeds, ``x``_mean/_std,
+    test_accuracy_mean/_std (std NaN for one seed).
+    """
+    frame = evals.sort_values(["run", "step"], kind="stable")
+    frame = frame.assign(k=frame.groupby("run").cumcount())
+    grouped = frame.groupby([*by, "k"], sort=False)
+    out = grouped[[x, "test_accuracy"]].agg(["mean", "std"])
+    out.columns = [f"{col}_{stat}" for col, stat in out.columns]
+    out.insert(0, "seeds", grouped["run"].nunique())
+    return out.reset_index()
+
+
+def final_over_seeds(table: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Per point (method, level, the other swept keys, ``by``): seeds and mean ± std of the
+    final accuracy, MB, simulated time, achieved compression and steps, with its label."""
+    stats = over_seeds(
+        table,
+        values=("test_accuracy", "mb_total", "sim_time_s", "compression_ratio", "steps"),
+    )
+    labels = with_points(table[table["status"] == "completed"])
+    keys = [c for c in stats.columns if c in labels.columns and c not in ("seeds",)]
+    names = labels.drop_duplicates(keys)[[*keys, "point"]]
+    stats = stats.merge(names, on=keys, how="left")
+    extra = [k for k in by if k in stats.columns]
+    return stats[["point", *extra, *[c for c in stats.columns if c not in ("point", *extra)]]]
+
+
+def reach_target(
+    evals: pd.DataFrame,
+    target: float,
+    by: Sequence[str] = ("point",),
+    costs: Sequence[str] = ("mb_total", "sim_time_s", "step"),
+) -> pd.DataFrame:
+    """What it took each point to first reach ``target`` test accuracy: per run the
+    ``costs`` at its first evaluation at or above the target, then per point the mean and
+    std over the seeds that reached it, and how many did (``reached`` of ``seeds``)."""
+    frame = evals.sort_values(["run", "step"], kind="stable")
+    first = frame[frame["test_accuracy"] >= target].groupby("run", sort=False).head(1)
+    runs = frame.drop_duplicates("run")[[*by, "run"]]
+    hit = runs.merge(first[["run", *costs]], on="run", how="left")
+    grouped = hit.groupby(list(by), sort=False)
+    out = grouped[list(costs)].agg(["mean", "std"])
+    out.columns = [f"{col}_{stat}" for col, stat in out.columns]
+    out.insert(0, "reached", grouped[costs[0]].count())
+    out.insert(1, "seeds", grouped["run"].nunique())
+    return out.reset_index()
+
+
+def not_stopped_by(table: pd.DataFrame, reason: str) -> pd.DataFrame:
+    """Runs that did not complete, or completed for another reason than ``reason`` (a
+    budget-matched comparison wants every run stopped by ``budget-mb``)."""
+    return table[(table["status"] != "completed") | (table["stop_reason"] != reason)]
+
+
+def mean_std(mean: float, std: float, fmt: str = "{:.3f}") -> str:
+    """``mean ± std`` (only the mean when std is NaN: one seed); blank for NaN means."""
+    if _missing(mean):
+        return ""
+    return fmt.format(mean) if _missing(std) else f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+# ---- clients --------------------------------------------------------------------------
+
+
+def client_time(clients: pd.DataFrame, by: Sequence[str] = ("point", "profile")) -> pd.DataFrame:
+    """Where a client's round goes: mean compute and transfer seconds (simulated) per
+    client-round, over the client-rounds that trained (outcome ``finished``), with ξ and
+    the count of client-rounds."""
+    done = clients[clients["outcome"] == "finished"]
+    grouped = done.groupby(list(by), sort=False)
+    out = grouped[["xi", "compute_s", "transfer_s"]].mean()
+    out.insert(0, "client_rounds", grouped.size())
+    return out.reset_index()
+
+
+def outcome_counts(clients: pd.DataFrame, by: Sequence[str] = ("point",)) -> pd.DataFrame:
+    """Client-rounds per outcome (finished, dropped-out, straggler, ...) per group."""
+    return clients.groupby([*by, "outcome"], sort=False).size().unstack("outcome", fill_value=0)
+
+
+def federated_spread(clients: pd.DataFrame, by: Sequence[str] = ("point",)) -> pd.DataFrame:
+    """Per-client accuracy on held-out shares at each point's last federated evaluation
+    of every run: one row per client of that round (``fed_accuracy`` not null)."""
+    rated = clients.dropna(subset=["fed_accuracy"])
+    if rated.empty:
+        return rated
+    last = rated.groupby("run")["round"].transform("max")
+    return rated[rated["round"] == last][[*by, "run", "partition", "fed_accuracy"]]
+
+
+# ---- partitions -----------------------------------------------------------------------
+
+
+def label_partitioner(partitions: pd.DataFrame, run: str, class_names: Sequence[str] = ()):
+    """A flwr-datasets partitioner that holds ``run``'s recorded partitions (one row per
+    train sample: partition and label), for ``flwr_datasets.visualization``'s plots.
+
+    The table stores counts, not samples; a ``NaturalIdPartitioner`` over rows rebuilt from
+    them has exactly those label counts per partition.
+    """
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    rows = partitions[partitions["run"] == run].sort_values(["partition_id", "label"])
+    if rows.empty:
+        raise ValueError(f"no recorded partitions for run {run!r}")
+    partition = np.repeat(rows["partition_id"].to_numpy(), rows["count"].to_numpy())
+    label = np.repeat(rows["label"].to_numpy(), rows["count"].to_numpy())
+    names = list(class_names) or [str(c) for c in range(int(rows["label"].max()) + 1)]
+    features = datasets.Features(
+        {"partition": datasets.Value("int64"), "label": datasets.ClassLabel(names=names)}
+    )
+    data = datasets.Dataset.from_dict({"partition": partition, "label": label}, features=features)
+    partitioner = NaturalIdPartitioner(partition_by="partition")
+    partitioner.dataset = data
+    return partitioner
+
+
+__all__ = [
+    "SHIPPED",
+    "Study",
+    "client_time",
+    "federated_spread",
+    "final_over_seeds",
+    "label_partitioner",
+    "load_study",
+    "mean_std",
+    "not_stopped_by",
+    "outcome_counts",
+    "point_label",
+    "reach_target",
+    "seed_curves",
+    "with_points",
+]
