@@ -10,6 +10,7 @@ token) and recompute only the CLS row: O(B·n·d) work, no n×n tensor.
 
 from __future__ import annotations
 
+import contextlib
 from types import TracebackType
 
 import torch
@@ -27,7 +28,9 @@ def cls_attention_row(q_cls: Tensor, keys: Tensor, *, num_heads: int, scaling: f
         scaling: the block's logit scale (head_dim ** -0.5 in ViT).
 
     Returns:
-        (B, n) float32, detached; each row sums to 1.
+        (B, n) float32, detached; each row sums to 1. Computed in float32 from float32
+        copies of the inputs even under ``torch.autocast`` (``precision = "bf16"``), which
+        is switched off here: the same float32 inputs give the same row with or without it.
     """
     b, n, d = keys.shape
     if q_cls.shape != (b, d):
@@ -35,7 +38,13 @@ def cls_attention_row(q_cls: Tensor, keys: Tensor, *, num_heads: int, scaling: f
     if d % num_heads:
         raise ValueError(f"hidden size {d} is not a multiple of num_heads {num_heads}")
     head_dim = d // num_heads
-    with torch.no_grad():
+    device_type = keys.device.type
+    no_autocast = (
+        torch.autocast(device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()  # meta tensors and the like: nothing to switch off
+    )
+    with torch.no_grad(), no_autocast:
         # float32 softmax whatever the model dtype, like HF's eager attention.
         q = q_cls.float().view(b, num_heads, head_dim)  # (B, h, hd)
         k = keys.float().view(b, n, num_heads, head_dim)  # (B, n, h, hd)

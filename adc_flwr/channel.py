@@ -64,7 +64,7 @@ class Channel:
         low, high = self.snr_range_db
         if low == high:
             return low
-        u = float(torch.rand((), generator=self.generator, dtype=torch.float64))
+        u = float(torch.rand((), generator=self.generator, dtype=torch.float64, device="cpu"))
         return low + (high - low) * u
 
     @torch.no_grad()
@@ -84,7 +84,9 @@ class Channel:
         power = vectors.float().square().mean(dim=1, keepdim=True).cpu()  # (rows, 1)
         std = (power / 10.0 ** (snr_db / 10.0)).sqrt()
         # drawn on the CPU generator wherever the tensor lives: the same noise on any device
-        noise = torch.randn(vectors.shape, generator=self.generator, dtype=torch.float32)
+        noise = torch.randn(
+            vectors.shape, generator=self.generator, dtype=torch.float32, device="cpu"
+        )
         noise = noise.mul_(std).to(device=tensor.device, dtype=tensor.dtype)
         tensor.add_(noise.reshape(tensor.shape))
         return snr_db

@@ -17,13 +17,16 @@ Record layout (every key says how to decode its array, so a record decodes on it
 
 Sizes follow Flower's ``ArrayRecord.count_bytes()``: each array's ``np.save`` bytes (the
 ``.npy`` header included) plus the length of its key.
+
+Devices: every tensor leaves through the CPU (``.cpu()`` before ``.numpy()``, whatever device
+it was on); decoders build CPU tensors and move them to the ``device`` they are given (the
+receiving worker's), before a received activation becomes a gradient leaf.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from io import BytesIO
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +34,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from adc_flwr.config import WIRE_DTYPES
+from adc_flwr.npy_sizes import ACT_NAME, FLOAT_TAG, npy_header_nbytes, uncompressed_act_nbytes
 
 if TYPE_CHECKING:  # only read here; importing it would pull in every compressor (cycle risk)
     from adc_flwr.compression.base import Compressor, Packet
@@ -51,10 +55,7 @@ __all__ = [
     "uncompressed_act_nbytes",
 ]
 
-ACT_NAME = "act"
-"""Tensor name of a full, uncompressed activation (what method ``none`` sends)."""
-
-_FLOAT, _BF16, _INT = "f", "b", "i"
+_FLOAT, _BF16, _INT = FLOAT_TAG, "b", "i"
 _HARD_TARGETS, _SOFT_TARGETS = "y", "ys"
 _TARGET_KEYS = (_HARD_TARGETS, _SOFT_TARGETS)
 _TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16}
@@ -202,26 +203,34 @@ def _decode_array(tag: str, array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
-def _decode_tensors(record: ArrayRecord, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def _decode_tensors(
+    record: ArrayRecord, skip: tuple[str, ...] = (), device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, arr in record.items():
         if key in skip:
             continue
         tag, name = _split_key(key)
-        out[name] = _decode_array(tag, arr.numpy())
+        t = _decode_array(tag, arr.numpy())
+        out[name] = t if device is None else t.to(device)
     return out
 
 
-def record_to_packet(record: ArrayRecord) -> ReceivedPacket:
-    """Decode a packet record on the server; floating tensors come back as grad-enabled leaves."""
+def record_to_packet(
+    record: ArrayRecord, device: torch.device | str | None = None
+) -> ReceivedPacket:
+    """Decode a packet record on the server; floating tensors come back as grad-enabled leaves
+    on ``device`` (None: the CPU), targets too."""
     present = [k for k in _TARGET_KEYS if k in record]
     if len(present) != 1:
         raise ValueError(f"a packet record holds exactly one of {_TARGET_KEYS}; found {present}")
-    tensors = _decode_tensors(record, skip=_TARGET_KEYS)
+    tensors = _decode_tensors(record, skip=_TARGET_KEYS, device=device)
     for t in tensors.values():
         if t.is_floating_point():
             t.requires_grad_(True)
     targets = torch.from_numpy(record[present[0]].numpy().astype(np.int64))
+    if device is not None:
+        targets = targets.to(device)
     return ReceivedPacket(tensors, targets, soft_targets=present[0] == _SOFT_TARGETS)
 
 
@@ -232,9 +241,11 @@ def grads_to_record(grads: Mapping[str, torch.Tensor], wire_dtype: str) -> Array
     return record
 
 
-def record_to_grads(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Decode gradients on the client as float32 tensors."""
-    return _decode_tensors(record)
+def record_to_grads(
+    record: ArrayRecord, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """Decode gradients on the client as float32 tensors on ``device`` (None: the CPU)."""
+    return _decode_tensors(record, device=device)
 
 
 def state_to_record(
@@ -275,34 +286,3 @@ def act_and_target_nbytes(record: ArrayRecord) -> tuple[int, int]:
         else:
             act += n
     return act, target
-
-
-def npy_header_nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
-    """Length of the ``.npy`` header ``np.save`` writes for a C-ordered array."""
-    header = {
-        "descr": np.lib.format.dtype_to_descr(dtype),
-        "fortran_order": False,
-        "shape": shape,
-    }
-    buf = BytesIO()
-    try:
-        np.lib.format.write_array_header_1_0(buf, header)
-    except ValueError:  # header too long for format 1.0; np.save then uses 2.0
-        buf = BytesIO()
-        np.lib.format.write_array_header_2_0(buf, header)
-    return len(buf.getvalue())
-
-
-def uncompressed_act_nbytes(batch: int, tokens: int, hidden: int, name: str = ACT_NAME) -> int:
-    """Exact activation bytes of an uncompressed ``(batch, tokens, hidden)`` float32 packet.
-
-    This is the reference of ``compression_ratio``: what method ``none`` at float32 puts on
-    the wire through :func:`packet_to_record` (header and key included), computed without
-    allocating the activation.
-    """
-    if min(batch, tokens, hidden) < 0:
-        raise ValueError(f"negative activation shape {(batch, tokens, hidden)}")
-    dtype = np.dtype(np.float32)
-    shape = (int(batch), int(tokens), int(hidden))
-    data = batch * tokens * hidden * dtype.itemsize
-    return npy_header_nbytes(dtype, shape) + data + len(f"{_FLOAT}:{name}")

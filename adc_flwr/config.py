@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ WIRE_DTYPES = ("float32", "float16", "bfloat16")
 SL_MODES = ("splitfed", "vanilla")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 CHANNELS = ("clean", "awgn")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N (N < the number of GPUs)"
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,8 @@ class RunConfig:
     kmeans_iters: int = 50
     kmeans_tol: float = 1e-4
     wire_dtype: str = "float32"
+    device: str = "auto"
+    precision: str = "fp32"
     sl_mode: str = "splitfed"
     num_server_rounds: int = 5
     local_steps: int = 100
@@ -245,6 +250,12 @@ def _snr(v: str) -> str | None:
     return "expected one number of dB ('10') or a range 'low,high' ('-10,10')"
 
 
+def device_spelling(v: str) -> str | None:
+    """Why ``v`` is no ``device`` value; whether that device exists is for ``validate_run``
+    (this config is rebuilt in ClientApp processes, where Ray may hide the GPUs)."""
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else f"allowed values are {DEVICE_HELP}"
+
+
 def _non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
@@ -278,6 +289,8 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "kmeans-iters": _in_range(1),
     "kmeans-tol": _in_range(0),
     "wire-dtype": _one_of(*WIRE_DTYPES),
+    "device": device_spelling,
+    "precision": _one_of(*PRECISIONS),
     "sl-mode": _one_of(*SL_MODES),
     "num-server-rounds": _in_range(1),
     "local-steps": _in_range(0),

@@ -14,7 +14,9 @@ frozen while the others go on, so batched results equal separate calls.
 
 Randomness: all uniforms of the seeding are drawn up front in one ``torch.rand((G, M))``
 call (CPU draws fill memory in order), so solving G problems batched gives the same result
-as G separate calls made one after another with the same generator.
+as G separate calls made one after another with the same generator. They are drawn on the
+generator's device and then moved to the data's: a CPU generator (what ADC and PQ pass)
+gives CUDA data the same uniforms as CPU data, and a CPU generator cannot sample on CUDA.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def kmeans(
         tol: relative tolerance on the centroid shift (see module docstring); 0 means
             stop only when the assignment is stable.
         generator: source of all randomness (k-means++ seeding); same state, same result.
+            It may live on another device than ``x`` (the CPU, typically).
     """
     if x.dim() not in (2, 3):
         raise ValueError(f"kmeans expects x of shape (N, D) or (G, N, D), got {tuple(x.shape)}")
@@ -113,8 +116,8 @@ def _kmeans_pp(
     g, n, d = x.shape
     trials = 2 + int(math.log(k))
     # (G, 1 + (K-1)·L) uniforms, one draw: keeps batched == sequential separate calls
-    u = torch.rand((g, 1 + (k - 1) * trials), generator=generator, device=x.device)
-    u = u.to(x.dtype)
+    u = torch.rand((g, 1 + (k - 1) * trials), generator=generator, device=generator.device)
+    u = u.to(device=x.device, dtype=x.dtype)
     offsets = torch.arange(g, device=x.device).unsqueeze(1) * n  # (G, 1)
 
     if n <= k * trials:

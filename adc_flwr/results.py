@@ -316,10 +316,12 @@ class RunDir:
         if not self.checkpoint_path.exists():
             return None
         try:
+            # on the CPU: a GPU run resumes anywhere; load_state_dict moves weights back
+            cpu = torch.device("cpu")
             try:
-                return torch.load(self.checkpoint_path, weights_only=True)
+                return torch.load(self.checkpoint_path, map_location=cpu, weights_only=True)
             except pickle.UnpicklingError:
-                return torch.load(self.checkpoint_path, weights_only=False)
+                return torch.load(self.checkpoint_path, map_location=cpu, weights_only=False)
         except Exception as exc:
             raise RunDirError(
                 f"{self.checkpoint_path} cannot be read ({type(exc).__name__}: {exc}). Restore "

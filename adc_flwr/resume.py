@@ -15,23 +15,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir, RunDirError
 
 NEW, RESUME, FINISHED = "new", "resume", "finished"
 # keys that do not change what a run computes: a moved results directory (or a run name given
-# where it was derived) is the same run, and waiting longer for clients is how to resume one
-# that failed on timeouts
-IGNORED_KEYS = ("out-dir", "run-name", "step-timeout", "start-timeout", "min-nodes")
+# where it was derived) is the same run, waiting longer for clients is how to resume one
+# that failed on timeouts, and a run started on a GPU may resume on a CPU (or another GPU)
+IGNORED_KEYS = ("out-dir", "run-name", "step-timeout", "start-timeout", "min-nodes", "device")
 
 
 def config_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every key whose value differs (absent keys show as None)."""
+    """``key: old -> new`` for every key whose value differs.
+
+    A key absent from one side counts as its :class:`RunConfig` default: a run directory
+    written before a key existed (``precision``, say) ran with what its default does, so it
+    is the same run as one asking for the default. A key that is no run-config key at all
+    shows as None.
+    """
+    defaults = RunConfig().to_run_config()
     keys = sorted((set(stored) | set(wanted)) - set(IGNORED_KEYS))
-    return [
-        f"{key}: {stored.get(key)!r} -> {wanted.get(key)!r}"
-        for key in keys
-        if stored.get(key) != wanted.get(key)
-    ]
+    old = {key: stored.get(key, defaults.get(key)) for key in keys}
+    new = {key: wanted.get(key, defaults.get(key)) for key in keys}
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in keys if old[key] != new[key]]
 
 
 def has_progress(run_dir: RunDir, completed: bool) -> bool:

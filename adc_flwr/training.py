@@ -4,12 +4,16 @@
 and later applies the server's gradients to it by recomputing that forward with the saved
 plan (autograd graphs cannot survive between Flower messages). ``ServerWorker`` owns the back:
 one forward/backward over the packets of all clients in a step, gradients per packet.
+
+Both work on the device their module lives on: batches, received packets and gradients are
+moved there, and ``precision = "bf16"`` autocasts the front and back forwards only (the
+compressor, the loss and everything on the wire stay float32).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -18,11 +22,15 @@ from torch import nn
 from transformers import ViTForImageClassification
 
 from adc_flwr.channel import Channel
-from adc_flwr.codec import ReceivedPacket
 from adc_flwr.compression import Compressor, Packet
 from adc_flwr.config import RunConfig
 from adc_flwr.data import DataBundle, ImageSplit, to_model_input
+from adc_flwr.device import autocast, module_device, to_device
 from adc_flwr.model import PRESETS, ClientFront, ServerBack, build_vit, model_input_spec
+from adc_flwr.preprocessing import input_statistics
+
+if TYPE_CHECKING:  # the codec imports Flower; the workers run without it (bench_gpu.py)
+    from adc_flwr.codec import ReceivedPacket
 
 
 def build_model(cfg: RunConfig, data: DataBundle) -> ViTForImageClassification:
@@ -52,6 +60,18 @@ def client_modules(front: ClientFront, compressor: Compressor) -> dict[str, nn.M
     """Client-side trainable modules by prefix: ``front`` and, for learned methods, ``encoder``."""
     encoder = compressor.client_module()
     return {"front": front} | ({"encoder": encoder} if encoder is not None else {})
+
+
+def client_parameters(modules: dict[str, nn.Module]) -> list[nn.Parameter]:
+    """What a client's optimizer steps: every parameter of its :func:`client_modules`."""
+    return [p for module in modules.values() for p in module.parameters()]
+
+
+def server_parameters(back: nn.Module, compressor: Compressor) -> list[nn.Parameter]:
+    """What the server's optimizer steps: the back's parameters and, for learned methods,
+    the compressor's decoder's."""
+    decoder = compressor.server_module()
+    return [*back.parameters(), *(decoder.parameters() if decoder is not None else ())]
 
 
 def modules_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -120,20 +140,52 @@ class InputSpec:
         return self.num_channels, self.image_size, self.image_size
 
     @classmethod
-    def for_model(cls, vit: nn.Module, data: DataBundle) -> InputSpec:
+    def for_model(cls, vit: nn.Module, data: DataBundle, model: str | None = None) -> InputSpec:
+        """The model's size and channels; the mean/std of a checkpoint's image processor, else
+        ``data``'s (:func:`~adc_flwr.preprocessing.input_statistics`). ``model``: the run-config
+        key, needed for a checkpoint (it expects the statistics it was trained with)."""
         image_size, num_channels = model_input_spec(vit)
-        return cls(image_size, num_channels, data.mean, data.std)
+        if model is None and getattr(vit, "name_or_path", ""):
+            raise ValueError("a checkpoint's input spec needs model= (the run-config key)")
+        mean, std = input_statistics(model or "", image_size, data.mean, data.std)
+        return cls(image_size, num_channels, mean, std)
 
-    def batch(self, split: ImageSplit, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel values (B, C, S, S) float32 and labels (B,) int64 for indices ``idx``."""
+    def batch(
+        self, split: ImageSplit, idx: np.ndarray, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel values (B, C, S, S) float32 and labels (B,) int64 for indices ``idx``, on
+        ``device`` (None: the CPU). Off the CPU the uint8 images travel and are resized and
+        normalised there (4x fewer bytes to copy, and the GPU does the resizing)."""
+        images = split.images[idx]
+        on_cpu = device is None or device.type == "cpu"
+        if not on_cpu:
+            images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         pixels = to_model_input(
-            split.images[idx],
+            images,
             image_size=self.image_size,
             num_channels=self.num_channels,
             mean=self.mean,
             std=self.std,
         )
-        return pixels, torch.from_numpy(split.labels[idx]).long()
+        labels = torch.from_numpy(split.labels[idx]).long()
+        return pixels, labels if on_cpu else labels.to(device)
+
+
+def front_forward(
+    front: ClientFront, pixels: torch.Tensor, precision: str, *, with_cls_attention: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The front at ``precision``: ``h`` comes out float32 either way (what compressors and
+    the wire take); the CLS-attention row is float32 already."""
+    with autocast(pixels.device, precision):
+        h, cls_attn = front(pixels, with_cls_attention=with_cls_attention)
+    return (h if precision == "fp32" else h.float()), cls_attn
+
+
+def back_forward(back: ServerBack, h: torch.Tensor, precision: str) -> torch.Tensor:
+    """The back at ``precision``; float32 logits either way (the loss runs in float32)."""
+    with autocast(h.device, precision):
+        logits = back(h)
+    return logits if precision == "fp32" else logits.float()
 
 
 class ClientWorker:
@@ -146,12 +198,19 @@ class ClientWorker:
         optimizer: torch.optim.Optimizer,
         split: ImageSplit,
         spec: InputSpec,
+        precision: str = "fp32",
     ) -> None:
         self.front = front
         self.compressor = compressor
         self.optimizer = optimizer
         self.split = split
         self.spec = spec
+        self.precision = precision
+
+    @property
+    def device(self) -> torch.device:
+        """Where the front lives, and so where batches and gradients are moved."""
+        return module_device(self.front)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The client-side modules that train and are averaged: the front (+ learned encoder)."""
@@ -162,8 +221,10 @@ class ClientWorker:
         return modules_state(self.trainable_modules())
 
     def _encode(self, idx: np.ndarray, seed: int, plan: dict[str, torch.Tensor] | None) -> Packet:
-        pixels, labels = self.spec.batch(self.split, idx)
-        h, cls_attn = self.front(pixels, with_cls_attention=True)  # (B, n, d), (B, n)
+        pixels, labels = self.spec.batch(self.split, idx, self.device)
+        # (B, n, d), (B, n)
+        h, cls_attn = front_forward(self.front, pixels, self.precision, with_cls_attention=True)
+        assert cls_attn is not None
         return self.compressor.encode(h, labels, cls_attn, plan=plan, seed=seed)
 
     def forward_packet(self, idx: np.ndarray, seed: int) -> Packet:
@@ -181,14 +242,14 @@ class ClientWorker:
         """Recompute the forward with ``plan``, backpropagate ``grads``, step."""
         packet = self._encode(idx, seed, plan=plan)
         sent = packet.grad_tensors()
-        received = self.compressor.decompress_grads(grads, packet)
+        received = self.compressor.decompress_grads(to_device(grads, self.device), packet)
         missing = sent.keys() - received.keys()
         if missing:
             raise ValueError(f"server returned no gradient for {sorted(missing)}")
         self.optimizer.zero_grad(set_to_none=True)
         names = sorted(sent)
         torch.autograd.backward(
-            [sent[k] for k in names], [received[k].to(sent[k].dtype) for k in names]
+            [sent[k] for k in names], [received[k].to(sent[k].device, sent[k].dtype) for k in names]
         )
         self.optimizer.step()
 
@@ -218,11 +279,22 @@ class ServerWorker:
         compressor: Compressor,
         optimizer: torch.optim.Optimizer,
         channel: Channel | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.back = back
         self.compressor = compressor
         self.optimizer = optimizer
         self.channel = channel  # None: clean; the server draws both directions' noise
+        self.precision = precision
+
+    @property
+    def device(self) -> torch.device:
+        """Where the back lives, and so where received packets are moved."""
+        return module_device(self.back)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The back on a decoded activation, at the run's precision (float32 logits)."""
+        return back_forward(self.back, h, self.precision)
 
     def step(self, packets: list[ReceivedPacket]) -> ServerStep:
         """Decode, forward all packets as one server batch, backward, step.
@@ -237,6 +309,7 @@ class ServerWorker:
         """
         h_parts, target_parts, leaves, compressors = [], [], [], []
         for p in packets:
+            _move_received(p, self.device)
             if self.channel is not None:
                 self.channel.apply_message_(p.tensors)
             compressor = p.compressor or self.compressor
@@ -247,14 +320,14 @@ class ServerWorker:
             compressors.append(compressor)
         soft = packets[0].soft_targets
         if len({h.shape[1:] for h in h_parts}) == 1:
-            logits = self.back(torch.cat(h_parts))  # (sum B_i, C)
+            logits = self.logits(torch.cat(h_parts))  # (sum B_i, C)
         else:  # logits keep their packet order: one back pass per token count
             groups: dict[torch.Size, list[int]] = {}
             for i, h in enumerate(h_parts):
                 groups.setdefault(h.shape[1:], []).append(i)
-            parts: list[torch.Tensor] = [torch.empty(0)] * len(h_parts)
+            parts: list[torch.Tensor] = [h_parts[0].new_empty(0)] * len(h_parts)
             for members in groups.values():
-                out = self.back(torch.cat([h_parts[i] for i in members]))
+                out = self.logits(torch.cat([h_parts[i] for i in members]))
                 for i, chunk in zip(
                     members, out.split([len(h_parts[i]) for i in members]), strict=True
                 ):
@@ -275,6 +348,18 @@ class ServerWorker:
         return ServerStep(float(loss.detach()), grads, rows)
 
 
+def _move_received(packet: ReceivedPacket, device: torch.device) -> None:
+    """Put a received packet on ``device`` in place; moved floating tensors stay leaves with
+    their ``requires_grad`` (the server reads their ``.grad``). A no-op where they are."""
+    if any(t.device != device for t in packet.tensors.values()):
+        packet.tensors = {
+            k: t if t.device == device else t.detach().to(device).requires_grad_(t.requires_grad)
+            for k, t in packet.tensors.items()
+        }
+    if packet.targets.device != device:
+        packet.targets = packet.targets.to(device)
+
+
 @torch.no_grad()
 def evaluate(
     modules: dict[str, nn.Module],
@@ -284,24 +369,27 @@ def evaluate(
     batch_size: int,
     *,
     compressor: Compressor,
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of the client-side ``modules`` + ``back`` on ``split``.
 
     ``modules``: by prefix, as :func:`client_modules` builds them (or a copy holding other
     weights, e.g. a probed average). Nothing is compressed: the front's output goes through
     ``compressor.eval_forward``, which keeps only the learned parts (part of the model the
-    back was trained on), with the ``encoder`` weights of ``modules``.
+    back was trained on), with the ``encoder`` weights of ``modules``. Runs where the front
+    lives (the back and the learned parts must be there too), at ``precision``.
     """
     front, client_part = modules["front"], modules.get("encoder")
+    device = module_device(front)
     front.eval()
     back.eval()
     correct, loss_sum = 0, 0.0
     n = len(split.labels)
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        pixels, labels = spec.batch(split, idx)
-        h, _ = front(pixels, with_cls_attention=False)  # (B, n, d)
-        logits = back(compressor.eval_forward(h, client_part))
+        pixels, labels = spec.batch(split, idx, device)
+        h, _ = front_forward(front, pixels, precision, with_cls_attention=False)  # (B, n, d)
+        logits = back_forward(back, compressor.eval_forward(h, client_part), precision)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
     front.train()

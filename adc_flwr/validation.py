@@ -4,9 +4,10 @@
 API and the ServerApp all call :func:`validate_run`, so a bad value fails the same way
 everywhere: one :class:`~adc_flwr.config.ConfigError` naming the key and what it accepts,
 in seconds, before Flower or Ray start. Beyond types and ranges (``RunConfig``) it checks
-what needs the data or the model: that the method exists and accepts its parameters for
-this model, that ``split-index`` fits the model's depth, that the dataset (or ``data-dir``)
-is there, and that the partitioner can split it over ``num_partitions`` clients.
+what needs the machine, the data or the model: that ``device`` exists here and runs
+``precision``, that the method exists and accepts its parameters for this model, that
+``split-index`` fits the model's depth, that the dataset (or ``data-dir``) is there, and that
+the partitioner can split it over ``num_partitions`` clients.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
     """
     from adc_flwr.compression import available_methods, build_compressor, get_compressor_class
     from adc_flwr.data import DataError, load_data, run_partitions
+    from adc_flwr.device import check_precision, resolve_device
     from adc_flwr.model import ModelError, split_vit
     from adc_flwr.profiles import ProfileError, assign_profiles
-    from adc_flwr.training import build_model
+    from adc_flwr.training import InputSpec, build_model
 
     cfg = RunConfig.from_run_config(run_config)
+    # a GPU asked for must be there, and run bf16 if asked (ConfigError otherwise)
+    check_precision(resolve_device(cfg.device), cfg.precision)
     if cfg.method not in available_methods():
         raise ConfigError(
             f"run-config key 'method' = {cfg.method!r}: allowed values are "
@@ -58,6 +62,7 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
     try:
         data = load_data(cfg.dataset, cfg.data_dir)
         vit = build_model(cfg, data)
+        InputSpec.for_model(vit, data, cfg.model)  # a checkpoint's image processor
         front, _ = split_vit(vit, cfg.split_index)
         build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)
         if cfg.adaptive_compression:  # the smallest ξ a client may get must build too

@@ -11,7 +11,9 @@ Protocol (DESIGN.md section 3), one exchange per step:
 - ``train.stop``: the server cut this client from the round (simulated drop-out or
   straggler): forget the round's state.
 
-Between messages only ``context.state`` survives. Within a round it holds the front, the
+The front runs on this process's client device (``device``; under Ray the GPU its actor was
+given, if any); everything that leaves it (packets, fronts, ``context.state``) goes through the
+CPU. Between messages only ``context.state`` survives. Within a round it holds the front, the
 optimizer state and the plan of the packet in flight; between rounds only what the server
 cannot send again: the optimizer moments with ``client-optimizer = keep``, nothing with
 ``reset`` (the front comes with every ``train.start``).
@@ -186,7 +188,7 @@ def store_tensors(context: Context, key: str, tensors: dict[str, torch.Tensor]) 
     This is local state, not traffic: nothing here is counted as bytes on the wire.
     """
     parts = [t.detach().reshape(-1).float() for t in tensors.values()]
-    flat = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float32)
+    flat = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.float32)
     shapes = [list(t.shape) for t in tensors.values()]
     context.state[key] = ArrayRecord({"flat": Array(flat)})
     context.state[f"{key}.layout"] = ConfigRecord(

@@ -2,6 +2,8 @@
 
 Ray actors are long-lived, so data, partitions and a model skeleton are cached per process;
 the weights themselves always come from the message or ``context.state``, never the cache.
+The skeleton lives on this process's client device (:func:`adc_flwr.device.client_device`:
+the GPU Ray gave the actor, if any).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import torch
 from adc_flwr.compression import Compressor, build_compressor
 from adc_flwr.config import RunConfig
 from adc_flwr.data import BatchCursor, DataBundle, held_out_split, load_data, run_partitions
+from adc_flwr.device import client_device, module_device
 from adc_flwr.model import ClientFront, split_vit
 from adc_flwr.training import (
     ClientWorker,
     InputSpec,
     build_model,
     client_modules,
+    client_parameters,
+    front_forward,
     load_modules_state,
     load_optimizer_tensors,
     make_optimizer,
@@ -36,16 +41,21 @@ class ModelSkeleton:
     compressor: Compressor
     spec: InputSpec
 
+    @property
+    def front_device(self) -> torch.device:
+        return module_device(self.front)
+
 
 @functools.lru_cache(maxsize=2)
 def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
     data = load_data(cfg.dataset, cfg.data_dir)
     vit = build_model(cfg, data)
     front, _ = split_vit(vit, cfg.split_index)
+    device = client_device(cfg.device)
     return ModelSkeleton(
-        front,
-        build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size),
-        InputSpec.for_model(vit, data),
+        front.to(device),
+        build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size).to(device),
+        InputSpec.for_model(vit, data, cfg.model),
     )
 
 
@@ -91,11 +101,12 @@ class ClientSetup:
         (E, n, d') activations and (E,) labels."""
         sk = self.skeleton
         load_modules_state(client_modules(sk.front, sk.compressor), front_state)
-        pixels, labels = sk.spec.batch(self.data.train, self.held_out)
+        pixels, _ = sk.spec.batch(self.data.train, self.held_out, sk.front_device)
         sk.front.eval()
-        h, _ = sk.front(pixels, with_cls_attention=False)  # (E, n, d)
+        h, _ = front_forward(sk.front, pixels, self.cfg.precision, with_cls_attention=False)
         sk.front.train()
-        return sk.compressor.eval_client(h), labels
+        labels = torch.from_numpy(self.data.train.labels[self.held_out]).long()
+        return sk.compressor.eval_client(h).cpu(), labels  # (E, n, d'), (E,) for the wire
 
     def encode_seed(self, server_round: int, step: int) -> int:
         return step_seed(self.cfg.seed, server_round, self.partition_id, step)
@@ -114,11 +125,12 @@ class ClientSetup:
             compressor = compressor_for(self.cfg, compression, sk.compressor.num_classes)
         modules = client_modules(sk.front, compressor)
         load_modules_state(modules, front_state)
-        params = [p for m in modules.values() for p in m.parameters()]
-        optimizer = make_optimizer(params, self.cfg)
+        optimizer = make_optimizer(client_parameters(modules), self.cfg)
         if optimizer_state is not None:
             load_optimizer_tensors(optimizer, optimizer_state)
-        return ClientWorker(sk.front, compressor, optimizer, self.data.train, sk.spec)
+        return ClientWorker(
+            sk.front, compressor, optimizer, self.data.train, sk.spec, self.cfg.precision
+        )
 
 
 def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientSetup:

@@ -57,14 +57,15 @@ class Evaluation(_Base):
         }
         replies = sorted(self.exchange(messages, None).items())
         self.server.back.eval()
+        device = self.server.device
         with torch.no_grad():
             for partition, reply in replies:
                 record = reply.content["held-out"]
-                labels = torch.from_numpy(record["labels"].numpy())
+                labels = torch.from_numpy(record["labels"].numpy()).to(device)
                 if len(labels) == 0:
                     continue
-                h = torch.from_numpy(record["h"].numpy())
-                logits = self.server.back(self.server.compressor.eval_server(h))
+                h = torch.from_numpy(record["h"].numpy()).to(device)
+                logits = self.server.logits(self.server.compressor.eval_server(h))
                 accuracy = float((logits.argmax(dim=1) == labels).float().mean())
                 outcome.fed_eval[partition] = (accuracy, len(labels))
         self.server.back.train()
@@ -109,6 +110,7 @@ class Evaluation(_Base):
             self.spec,
             self.cfg.eval_batch_size,
             compressor=self.server.compressor,
+            precision=self.cfg.precision,
         )
         if self.run_dir is not None:
             self.run_dir.append_metrics(

@@ -24,6 +24,7 @@ from adc_flwr.codec import state_to_record
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import RunConfig
 from adc_flwr.data import ImageSplit, load_data
+from adc_flwr.device import resolve_device
 from adc_flwr.model import split_vit
 from adc_flwr.results import RunDir, RunDirError, make_summary
 from adc_flwr.resume import FINISHED, NEW, RESUME, run_state
@@ -35,6 +36,7 @@ from adc_flwr.training import (
     load_modules_state,
     make_optimizer,
     modules_state,
+    server_parameters,
 )
 from adc_flwr.validation import validate_run
 from strategies.outcomes import DROP_REASONS, drop_key
@@ -47,17 +49,25 @@ def build_strategy(
     run_dir: RunDir | None,
     progress: Callable[[str], None] = print,
 ) -> tuple[SplitLearningStrategy, ArrayRecord]:
-    """The strategy (owning the back) and the initial global client-side weights."""
+    """The strategy (owning the back) and the initial global client-side weights.
+
+    The back, the global client-side modules (for central evaluation) and the compressor's
+    learned parts live on ``device``; the weights are built on the CPU first, so a seed gives
+    the same initial model on every device.
+    """
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
     data = load_data(cfg.dataset, cfg.data_dir)
-    vit = build_model(cfg, data)
+    vit = build_model(cfg, data).to(device)
     front, back = split_vit(vit, cfg.split_index)
     compressor = build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)
-    server_params = list(back.parameters())
-    if (decoder := compressor.server_module()) is not None:
-        server_params += list(decoder.parameters())
+    compressor.to(device)
     server = ServerWorker(
-        back, compressor, make_optimizer(server_params, cfg), channel=build_channel(cfg)
+        back,
+        compressor,
+        make_optimizer(server_parameters(back, compressor), cfg),
+        channel=build_channel(cfg),
+        precision=cfg.precision,
     )
     modules = client_modules(front, compressor)
     strategy = SplitLearningStrategy(
@@ -65,7 +75,7 @@ def build_strategy(
         server,
         modules,
         evaluation_split(data.test, cfg.eval_samples, cfg.seed),
-        InputSpec.for_model(vit, data),
+        InputSpec.for_model(vit, data, cfg.model),
         run_dir=run_dir,
         progress=progress,
     )

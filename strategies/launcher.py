@@ -20,125 +20,63 @@ SuperLink that outlives it, and the simulation process and Ray outlive the Super
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import psutil
 
 from adc_flwr.config import ConfigError
 from adc_flwr.results import RunDirError
 from adc_flwr.resume import FINISHED
-from strategies.preflight import check, format_pairs, fresh_summary, mark_interrupted, parse_pairs
+from strategies.preflight import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID,
+    check_apart,
+    keep_logs,
+    parse_pairs,
+    pinned_run_config,
+    run_location,
+    verdict,
+)
+from strategies.reaper import (
+    Interrupted,
+    become_subreaper,
+    block_stop_signals,
+    free_ports,
+    handle_stop_signals,
+    ignore_stop_signals,
+    restore_signal_mask,
+    stop_descendants,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEDERATION = "num-supernodes=4 client-resources-num-cpus=1"
-GRACE_S = 5.0  # SIGTERM first; whatever still runs after this gets SIGKILL
-EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
-PR_SET_CHILD_SUBREAPER = 36
-
-
-class Interrupted(Exception):
-    """A signal asked the run to stop; ``at_ns`` is when (time.time_ns())."""
-
-    def __init__(self, signal_name: str) -> None:
-        super().__init__(signal_name)
-        self.at_ns = time.time_ns()
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def become_subreaper() -> bool:
-    """Orphaned descendants are re-parented to this process, not to init (Linux only).
-
-    Returns whether it worked; without it a SuperLink whose parent exited is out of reach.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all sockets held until every port is chosen)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def stop_descendants(grace_s: float = GRACE_S) -> None:
-    """End every descendant of this process by PID: SIGTERM, then SIGKILL after ``grace_s``."""
-    me = psutil.Process()
-    procs = me.children(recursive=True)
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    # a process may have started children while being stopped: take them along
-    alive += [p for p in me.children(recursive=True) if p not in alive]
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(alive, timeout=grace_s)
-
-
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    """One-shot: later signals are ignored, so nothing can cut the clean-up short."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise Interrupted(signal.Signals(signum).name)
 
 
 def flwr_command(run_config: str, federation: str, run_dir: Path) -> list[str]:
     """``flwr run`` with the run config as parsed (a TOML file or pairs) plus where to write."""
-    pairs = parse_pairs(run_config, "--run-config") | {
-        "out-dir": str(run_dir.parent),
-        "run-name": run_dir.name,
-    }
     return [
         "flwr",
         "run",
         ".",
         "--stream",
         "--run-config",
-        format_pairs(pairs),
+        pinned_run_config(run_config, run_dir),
         "--federation-config",
         federation,
     ]
-
-
-def checked_apart(run_config: str, federation: str, out_dir: str, run_name: str) -> str:
-    """:func:`check` in a child process: the data and model it builds to validate the run
-    leave with it, instead of staying in this process for the whole run (0.5 GB for the
-    default run)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(check, run_config, federation, out_dir, run_name).result()
 
 
 def launch(run_config: str, federation: str, out_dir: str, run_name: str) -> int:
     """Run one ``flwr run`` as described above; returns the exit status."""
     run_dir = Path(out_dir).expanduser().resolve() / run_name
     try:
-        state = checked_apart(run_config, federation, str(run_dir.parent), run_name)
+        state = check_apart(run_config, federation, str(run_dir.parent), run_name)
         command = flwr_command(run_config, federation, run_dir)
     except (ConfigError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -150,50 +88,36 @@ def launch(run_config: str, federation: str, out_dir: str, run_name: str) -> int
         print("warning: not a child subreaper; a process Flower detaches may survive the run")
     interrupted: Interrupted | None = None
     since = time.time_ns()
+    logs: list[str] = []
+    # stop signals are held from here until their handler is in place, and again from the
+    # end of the run to the end of the clean-up, so none can cut either short
+    mask = block_stop_signals()
     home = Path(tempfile.mkdtemp(prefix="adcf."))  # short: Ray's socket paths live below
     try:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, _raise_interrupted)
-        http_port, control_port = free_ports(2)
-        env = os.environ | {
-            "FLWR_HOME": str(home),
-            "RAY_TMPDIR": str(home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        }
-        subprocess.Popen(command, cwd=ROOT, env=env).wait()
+        try:
+            handle_stop_signals()
+            restore_signal_mask(mask)  # one that came meanwhile raises Interrupted here
+            http_port, control_port = free_ports(2)
+            env = os.environ | {
+                "FLWR_HOME": str(home),
+                "RAY_TMPDIR": str(home),
+                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+            }
+            subprocess.Popen(command, cwd=ROOT, env=env).wait()
+        finally:
+            block_stop_signals()  # or raises the Interrupted of one that came just before
     except Interrupted as exc:
         interrupted = exc
     finally:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)  # finish cleaning up, whatever comes
-        stop_descendants()
-        log = home / "local-superlink" / "superlink.log"
-        if log.exists() and run_dir.exists():
-            shutil.copyfile(log, run_dir / "superlink.log")
-        shutil.rmtree(home, ignore_errors=True)
-    summary = fresh_summary(run_dir, since)
-    if interrupted is not None and (summary or {}).get("status") != "completed":
-        reason = f"interrupted by {interrupted}"
-        mark_interrupted(run_dir, since, interrupted.at_ns, reason)
-        print(f"run {run_name} {reason}; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if summary is None:
-        print(
-            f"run {run_name} did not complete: it wrote no summary (see "
-            f"{run_dir / 'superlink.log'} for Flower's log)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    if summary["status"] != "completed":
-        print(
-            f"run {run_name} did not complete (status {summary['status']}): {summary['error']}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    (run_dir / "superlink.log").unlink(missing_ok=True)  # only kept when something went wrong
-    print(f"run {run_name} completed: {run_dir / 'summary.json'}")
-    return 0
+        try:
+            stop_descendants()
+            log = {"superlink.log": home / "local-superlink" / "superlink.log"}
+            logs = keep_logs(log, run_dir, since, interrupted is not None)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+            ignore_stop_signals(mask)  # the verdict is written whatever comes
+    return verdict(run_dir, run_name, since, interrupted, logs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,11 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    # out-dir / run-name given in the run config win over the environment, as in flwr run
-    out_dir = str(pairs.get("out-dir") or os.environ.get("OUT_DIR") or ROOT / "results")
-    run_name = str(
-        pairs.get("run-name") or os.environ.get("RUN_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
-    )
+    out_dir, run_name = run_location(pairs, ROOT / "results")
     try:
         return launch(run_config, federation, out_dir, run_name)
     except (KeyboardInterrupt, Interrupted):  # during the checks: nothing was started

@@ -418,7 +418,7 @@ class SplitLearningStrategy(Evaluation, Strategy):
         packets = []
         for partition in partitions:
             record = active[partition].packet
-            received = record_to_packet(record)
+            received = record_to_packet(record, device=self.server.device)
             received.compressor = self.compressor_for(self.clients.xi[partition])
             packets.append(received)
             # soft-label counts add up to the batch
@@ -448,7 +448,7 @@ class SplitLearningStrategy(Evaluation, Strategy):
             num_classes = self.server.compressor.num_classes
             self._compressors[xi] = build_compressor(
                 self.cfg.replace(compression=xi), num_classes, hidden_size=hidden
-            )
+            ).to(self.server.device)
         return self._compressors[xi]
 
     def budget_spent(self) -> bool:

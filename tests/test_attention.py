@@ -146,3 +146,22 @@ def test_row_follows_the_input() -> None:
     assert not torch.allclose(a, b, atol=1e-4)
     _, a_batch = front(torch.cat([x, x.flip(-1)]))
     torch.testing.assert_close(a_batch, torch.cat([a, b]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_is_float32_under_bf16_autocast(dtype: torch.dtype) -> None:
+    """``precision = "bf16"`` autocasts the front; the row is still computed in float32 from
+    float32 copies of the block's queries and keys (bf16 under autocast), bit for bit as
+    without autocast."""
+    gen = torch.Generator().manual_seed(2)
+    q_cls = (4 * torch.randn(3, 64, generator=gen)).to(dtype)
+    keys = (4 * torch.randn(3, N_TOKENS, 64, generator=gen)).to(dtype)
+    plain = cls_attention_row(q_cls, keys, num_heads=4, scaling=0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        row = cls_attention_row(q_cls, keys, num_heads=4, scaling=0.25)
+    assert plain.dtype == row.dtype == torch.float32
+    torch.testing.assert_close(row, plain, rtol=0, atol=0)
+    front, _ = split_vit(tiny_vit(), 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, cls_attn = front(pixels())
+    assert cls_attn.dtype == torch.float32

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import psutil
+import pytest
 
 from helpers import flwr_run_env
 from strategies.outcomes import DROP_REASONS
@@ -71,6 +72,7 @@ def test_flwr_run_failure_exits_nonzero(tmp_path: Path) -> None:
     assert not flower_processes()
 
 
+@pytest.mark.slow  # a minute on Ray: in .ci/run, out of the default suite
 def test_flwr_run_vanilla_trains_every_client(tmp_path: Path) -> None:
     """Vanilla SL over 3 SuperNodes: each client takes its turn, none is dropped."""
     config = (

@@ -117,6 +117,7 @@ def test_interrupt_stops_everything_and_a_run_beside_it_completes(tmp_path: Path
     assert private_dirs() == before
 
 
+@pytest.mark.slow  # a minute on Ray: in .ci/run, out of the default suite
 def test_sweep_point_timeout_stops_the_point(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from adc_flwr.config import RunConfig
 from adc_flwr.results import RunDir, RunDirError
+from adc_flwr.resume import FINISHED, RESUME, run_state
 from adc_flwr.training import ServerWorker
 from clients import client_app as client_module
 from helpers import tiny_config
@@ -199,3 +200,34 @@ def test_killed_sampling_run_resumes_with_the_same_draws(
             run4(cfg, seed=1)
     assert run4(cfg, seed=2)["status"] == "completed"
     pd.testing.assert_frame_equal(metrics(cfg), metrics(whole))
+
+
+# ---- run directories written before a key existed --------------------------------------------
+
+
+def old_style(cfg: RunConfig, *missing: str) -> dict:
+    """``cfg``'s config.json as a version without the keys ``missing`` wrote it."""
+    return {k: v for k, v in cfg.to_run_config().items() if k not in missing}
+
+
+@pytest.mark.parametrize("status", ["completed", "interrupted"])
+def test_a_run_from_before_precision_and_device_is_still_this_run(
+    tmp_path: Path, status: str
+) -> None:
+    cfg = RunConfig(out_dir=str(tmp_path), run_name="old", num_server_rounds=2)
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.write_config(old_style(cfg, "precision", "device"))
+    run_dir.write_summary({"status": status, "rounds": 2 if status == "completed" else 1})
+    run_dir.append_metrics({"kind": "step", "round": 1, "step": 0, "train_loss": 2.3})
+    run_dir.close()
+    expected = FINISHED if status == "completed" else RESUME
+    assert run_state(run_dir, cfg.to_run_config()) == expected  # fp32 is what it ran
+    on_cpu = cfg.replace(device="cpu")  # `device` is never compared
+    assert run_state(run_dir, on_cpu.to_run_config()) == expected
+    # a key the stored run really had otherwise is still refused, precision included
+    for changed, shown in [
+        (cfg.replace(precision="bf16"), "precision: 'fp32' -> 'bf16'"),
+        (cfg.replace(num_server_rounds=3), "num-server-rounds: 2 -> 3"),
+    ]:
+        with pytest.raises(RunDirError, match=f"another config \\({shown}\\)"):
+            run_state(run_dir, changed.to_run_config())

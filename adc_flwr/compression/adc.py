@@ -123,14 +123,15 @@ class ADCCompressor(Compressor):
         packet is bit-for-bit the one that produced the plan.
         """
         b, n, d = h.shape
-        labels = labels.long()
+        labels = labels.long().to(h.device)
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"ADC: labels must lie in [0, {self.num_classes})")
 
         if plan is None:
             assign, token_idx = self._decide(h, cls_attn, seed)
         else:
-            assign, token_idx = plan["assign"], plan["token_idx"]
+            # a plan comes back from the client's state on the CPU
+            assign, token_idx = plan["assign"].to(h.device), plan["token_idx"].to(h.device)
             if assign.shape != (b,) or token_idx.dim() != 2:
                 raise ValueError("ADC: plan does not match this batch (assign must be (B,))")
         t, k = token_idx.shape
@@ -169,7 +170,8 @@ class ADCCompressor(Compressor):
             desc = h.detach()[:, 0, :]  # (B, d)
         else:
             desc = h.detach().mean(dim=1)  # (B, d)
-        gen = torch.Generator(device=desc.device).manual_seed(seed)
+        # a CPU generator on any device: CUDA runs draw the seeding a CPU run draws
+        gen = torch.Generator().manual_seed(seed)
         assign = kmeans(
             desc, t, max_iters=self.kmeans_iters, tol=self.kmeans_tol, generator=gen
         ).assign  # (B,)

@@ -202,6 +202,14 @@ class Compressor(ABC):
 
     # ---- learned parts --------------------------------------------------------------
 
+    def to(self, device: torch.device | str) -> Compressor:
+        """Move the learned parts to ``device`` (in place; returns self). Everything else a
+        method creates follows its input's device, so this is all a worker has to move."""
+        for module in (self.client_module(), self.server_module()):
+            if module is not None:
+                module.to(device)
+        return self
+
     def client_module(self) -> nn.Module | None:
         """Learned client-side part (a bottleneck encoder): trains and averages with the front.
 

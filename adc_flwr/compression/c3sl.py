@@ -71,7 +71,8 @@ def make_key_spectra(seed: int, r: int, dim: int, kind: str = "unitary") -> torc
     # a real key needs real DC (and Nyquist, for even D) bins: phase 0 or pi
     real_bins = [0, nfreq - 1] if dim % 2 == 0 else [0]
     phase[:, real_bins] = np.pi * rng.integers(0, 2, size=(r, len(real_bins)))
-    return torch.polar(torch.ones(r, nfreq, dtype=torch.float64), torch.from_numpy(phase))
+    magnitude = torch.ones(r, nfreq, dtype=torch.float64, device="cpu")  # moved when used
+    return torch.polar(magnitude, torch.from_numpy(phase))
 
 
 @register
@@ -153,7 +154,8 @@ class C3SLCompressor(Compressor):
         bound = torch.fft.irfft((spec * keys).sum(dim=1), n=dim, dim=-1)  # (G, D)
         tensors = {"act": bound.view(groups, n, d)}
         if groups * r != b:
-            tensors["valid"] = torch.tensor(b, dtype=torch.int64)  # 0-d: real sample count
+            # 0-d: the real sample count
+            tensors["valid"] = torch.tensor(b, dtype=torch.int64, device=h.device)
         return Packet(tensors=tensors, targets=labels.long(), soft_targets=False)
 
     # ---- server ---------------------------------------------------------------------

@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from adc_flwr.codec import npy_header_nbytes, uncompressed_act_nbytes
 from adc_flwr.compression.base import Compressor, Packet
 from adc_flwr.compression.registry import register
 from adc_flwr.config import WIRE_DTYPES
 from adc_flwr.kmeans import check_kmeans_settings, kmeans
+from adc_flwr.npy_sizes import npy_header_nbytes, uncompressed_act_nbytes
 
 if TYPE_CHECKING:
     from adc_flwr.config import RunConfig
@@ -303,12 +303,12 @@ class ProductQuantizer(Compressor):
         sub = h.detach().reshape(b * n, q, s).transpose(0, 1).contiguous()  # (q, B·n, s)
 
         if plan is None:
-            gen = torch.Generator(device=h.device).manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)  # CPU draws on any device (kmeans)
             assign = kmeans(
                 sub, n_c, max_iters=self.kmeans_iters, tol=self.kmeans_tol, generator=gen
             ).assign  # (q, B·n)
             codes = assign.t().contiguous().view(b, n, q)  # (B, n, q)
-            plan_seed = torch.tensor([seed], dtype=torch.int64)
+            plan_seed = torch.tensor([seed], dtype=torch.int64, device=h.device)
         else:
             codes, plan_seed = plan[CODES], plan["seed"]
             if codes.shape != (b, n, q):

@@ -189,7 +189,7 @@ class QuantCompressor(Compressor):
         codes, scale, zero = quantize(x, self.bits, self.granularity, self.side_dtype)
         wire = {"codes": pack_bits(codes, self.bits), "scale": scale, "zero": zero}
         if (packed_width(d, self.bits) * 8) // self.bits != d:  # width alone is ambiguous
-            wire["d"] = torch.tensor(d, dtype=torch.int64)
+            wire["d"] = torch.tensor(d, dtype=torch.int64, device=x.device)
         return wire, dequantize(codes, scale, zero)
 
     # ---- client ---------------------------------------------------------------------

@@ -9,8 +9,9 @@ the method; ``p = 0`` is plain top-k.
 Sampling without replacement uses the exponential race (Gumbel top-k): position ``i`` with
 weight ``w_i`` gets the key ``w_i / E_i``, ``E_i ~ Exp(1)``, and the ``K`` largest keys are a
 sample of successive draws proportional to ``w`` (what ``torch.multinomial`` without
-replacement does), vectorised over the batch. The noise comes from a generator seeded with
-``encode(..., seed=)``; the plan keeps the drawn positions, so a replay is bit-exact.
+replacement does), vectorised over the batch. The noise comes from a CPU generator seeded
+with ``encode(..., seed=)`` and is moved to the activation's device (a seed draws the same
+noise on a GPU); the plan keeps the drawn positions, so a replay is bit-exact.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ class RandomTopKCompressor(TopKCompressor):
             (b, numel), self.p / (numel - k), dtype=torch.float32, device=flat.device
         )  # (B, n·d)
         weights.scatter_(1, top, (1.0 - self.p) / k)
-        gen = torch.Generator(device=flat.device).manual_seed(seed)
-        race = torch.empty_like(weights).exponential_(generator=gen)  # (B, n·d) ~ Exp(1)
+        # drawn on a CPU generator and moved: the same positions for a seed on any device
+        gen = torch.Generator().manual_seed(seed)
+        race = torch.empty(weights.shape, dtype=torch.float32, device="cpu")
+        race = race.exponential_(generator=gen)
+        race = race.to(flat.device)  # (B, n·d) ~ Exp(1)
         # the tiny floor keeps keys finite (an exact 0 draw); w <= 1 so w/tiny < float32 max
         keys = weights / race.clamp_min_(torch.finfo(torch.float32).tiny)
         idx = keys.topk(k, dim=1, sorted=False).indices  # (B, K), distinct per row

@@ -21,7 +21,8 @@ def to_model_input(
 
     Resizes with bilinear interpolation (antialiased when shrinking) when sizes differ and
     repeats a grayscale channel when the model wants 3. Floating input is taken as already
-    in [0, 1]. ``mean``/``std`` have one entry per source channel or a single entry.
+    in [0, 1]. ``mean``/``std`` have one entry per source channel, per model channel or
+    a single entry.
     """
     if isinstance(images, np.ndarray):
         # astype copies, so read-only slices of the shared bundle convert without a warning.
@@ -42,8 +43,12 @@ def to_model_input(
         x = F.interpolate(
             x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink
         )
-    m = torch.as_tensor(tuple(mean), dtype=torch.float32)
-    s = torch.as_tensor(tuple(std), dtype=torch.float32)
+    m = torch.as_tensor(tuple(mean), dtype=torch.float32, device=x.device)
+    s = torch.as_tensor(tuple(std), dtype=torch.float32, device=x.device)
+    if c != num_channels and num_channels in (m.numel(), s.numel()):
+        # per model channel (a checkpoint's statistics): repeat the gray channel first
+        x = x.expand(-1, num_channels, -1, -1)
+        c = num_channels
     if m.numel() not in (1, c) or s.numel() not in (1, c):
         raise ValueError(f"mean/std need 1 or {c} entries, got {m.numel()} and {s.numel()}")
     x = (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)

@@ -1,0 +1,212 @@
+"""The launchers' clean-up (``strategies.launcher``, ``strategies.deploy``) in this process,
+with Flower faked: wherever a stop signal lands, every process is stopped and the private
+directory removed; a run that fails before its ServerApp makes the run directory leaves
+Flower's logs where the verdict says they are."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import CodeType, FrameType
+from typing import Any
+
+import pytest
+
+from strategies import deploy, launcher, preflight
+from strategies.federation import FederationError
+from strategies.preflight import EXIT_FAILED, EXIT_INTERRUPTED
+from strategies.reaper import STOP_SIGNALS
+
+
+class FakeFederation:
+    """What deploy uses of a LocalFederation: its home, its processes by name, their logs."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.procs: dict[str, None] = {}
+        self.cli_env: dict[str, str] = {}
+
+    def log(self, name: str) -> Path:
+        return self.home / "logs" / f"{name}.log"
+
+
+def start_federation(fed: FakeFederation, nodes: int) -> None:
+    """Every process "started": a log each."""
+    for name in ["superlink", *(f"supernode-{i}" for i in range(nodes))]:
+        fed.log(name).parent.mkdir(parents=True, exist_ok=True)
+        fed.log(name).write_text(f"{name} log\n")
+        fed.procs[name] = None
+
+
+def refused(fed: FakeFederation, nodes: int) -> None:
+    start_federation(fed, nodes)
+    raise FederationError("supernode-1 exited (305) before it came online")
+
+
+class FlwrRunFailsEarly:
+    """``flwr run`` failing before any ServerApp starts: exit status 1, nothing written."""
+
+    def __init__(self, command: Sequence[str], **_: object) -> None:
+        self.command = command
+
+    def wait(self) -> int:
+        return 1
+
+
+class Record:
+    """How many private directories were made, and how often every process was stopped."""
+
+    def __init__(self, private: Path) -> None:
+        self.private = private
+        self.made = self.stopped = 0
+
+    def left(self) -> list[Path]:
+        return list(self.private.iterdir())
+
+
+@pytest.fixture
+def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Record]:
+    """Both launchers with Flower, the checks and the reaping faked; private directories
+    under ``tmp_path/private``; the signal handlers and mask put back afterwards."""
+    record = Record(tmp_path / "private")
+    record.private.mkdir()
+    mkdtemp = tempfile.mkdtemp
+
+    def private_dir(prefix: str | None = None) -> str:
+        record.made += 1
+        return mkdtemp(prefix=prefix, dir=record.private)
+
+    def stop_descendants() -> None:
+        record.stopped += 1
+
+    for module in (deploy, launcher):
+        monkeypatch.setattr(module, "check_apart", lambda *_: "new")
+        monkeypatch.setattr(module, "become_subreaper", lambda: True)
+        monkeypatch.setattr(module, "stop_descendants", stop_descendants)
+    monkeypatch.setattr(tempfile, "mkdtemp", private_dir)
+    monkeypatch.setattr(subprocess, "Popen", FlwrRunFailsEarly)
+    monkeypatch.setattr(deploy, "LocalFederation", FakeFederation)
+    monkeypatch.setattr(deploy, "start_federation", start_federation)
+    # no run starts here, so there is no checkpoint to write an interrupted summary from
+    monkeypatch.setattr(preflight, "mark_interrupted", lambda *_: None)
+    monkeypatch.setenv("OUT_DIR", str(tmp_path / "out"))
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield record
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@pytest.mark.parametrize("start", [start_federation, refused], ids=["flwr-run", "federation"])
+def test_an_early_failure_keeps_flowers_logs_where_the_verdict_says(
+    faked: Record,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    start: Callable[[FakeFederation, int], None],
+) -> None:
+    """``flwr run`` (or the deployment) fails before the ServerApp makes the run directory:
+    it is made for Flower's logs, which the error names, before the private copy goes."""
+    monkeypatch.setattr(deploy, "start_federation", start)
+    monkeypatch.setenv("RUN_NAME", "early")
+    assert deploy.main(["2"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    named = re.search(r"(?:see |Flower's logs: )(\S+\.log(?:, \S+\.log)*)", err)
+    assert named is not None, err
+    logs = [Path(log) for log in named[1].split(", ")]
+    assert [log.name for log in logs] == ["superlink.log", "supernode-0.log", "supernode-1.log"]
+    assert {log.parent for log in logs} == {tmp_path / "out" / "early"}
+    assert [log.read_text() for log in logs] == [f"{log.stem} log\n" for log in logs]
+    assert faked.stopped == faked.made == 1 and not faked.left()
+
+
+def test_an_early_failure_of_flwr_run_keeps_the_superlink_log(
+    faked: Record, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The same for ``scripts/flwr_run.sh``: the SuperLink's log is kept where the error
+    says, though the ServerApp never made the run directory."""
+
+    class FlwrRunLogsAndFails(FlwrRunFailsEarly):
+        def __init__(self, command: Sequence[str], env: dict[str, str], **_: object) -> None:
+            super().__init__(command)
+            log = Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
+            log.parent.mkdir(parents=True)
+            log.write_text("superlink log\n")
+
+    monkeypatch.setattr(subprocess, "Popen", FlwrRunLogsAndFails)
+    monkeypatch.setenv("RUN_NAME", "early")
+    assert launcher.main([""]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    kept = tmp_path / "out" / "early" / "superlink.log"
+    assert f"see {kept} for Flower's log" in err
+    assert kept.read_text() == "superlink log\n"
+    assert faked.stopped == faked.made == 1 and not faked.left()
+
+
+def interrupt_at(code: CodeType, opcode: int | None) -> Callable[[], int]:
+    """Trace the frames of ``code``: SIGINT is raised before its ``opcode``-th instruction
+    (never, for None); returns how many instructions ran."""
+    count = 0
+
+    def local(frame: FrameType, event: str, _arg: object) -> Any:
+        nonlocal count
+        if event == "opcode":
+            if count == opcode:
+                signal.raise_signal(signal.SIGINT)  # its handler runs here, or it is held
+            count += 1
+        return local
+
+    def calls(frame: FrameType, _event: str, _arg: object) -> Any:
+        if frame.f_code is code:
+            frame.f_trace_opcodes = True
+            return local
+        return None
+
+    sys.settrace(calls)
+    return lambda: count
+
+
+@pytest.mark.parametrize(
+    ("main", "code", "args"),
+    [
+        (deploy.main, deploy.deploy.__code__, ["2"]),
+        (launcher.main, launcher.launch.__code__, [""]),
+    ],
+    ids=["deploy", "launcher"],
+)
+def test_a_stop_signal_anywhere_still_stops_everything(
+    faked: Record, monkeypatch: pytest.MonkeyPatch, main: Any, code: CodeType, args: list[str]
+) -> None:
+    """SIGINT before each instruction of the launcher in turn, the end of the run and the
+    start of its clean-up included: every time, whatever was started is stopped, the
+    private directory is removed, no exception escapes and the signal mask is put back."""
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    tracer = sys.gettrace()
+    outcomes = []
+    opcode: int | None = None
+    total = 1
+    while opcode is None or opcode < total:
+        monkeypatch.setenv("RUN_NAME", f"at-{opcode}")
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        ran = interrupt_at(code, opcode)
+        try:
+            status = main(args)
+        finally:
+            sys.settrace(tracer)
+        where = f"SIGINT before instruction {opcode}"
+        assert not faked.left(), where
+        assert faked.stopped == faked.made, where
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set(), where
+        outcomes.append(status)
+        if opcode is None:
+            assert status == EXIT_FAILED
+            total = ran()
+        opcode = 0 if opcode is None else opcode + 1
+    assert total > 100  # the trace saw the whole launcher
+    assert set(outcomes) == {EXIT_FAILED, EXIT_INTERRUPTED}
