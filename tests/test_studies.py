@@ -15,7 +15,7 @@ from adc_flwr.config import RunConfig
 from adc_flwr.data import label_counts, load_data, run_partitions
 from adc_flwr.results import RunDir
 from simulations import collect as collect_module
-from simulations.collect import client_rounds, collect, partition_counts
+from simulations.collect import collect
 from simulations.studies import (
     SHIPPED,
     client_time,
@@ -28,6 +28,7 @@ from simulations.studies import (
     reach_target,
     seed_curves,
 )
+from simulations.tables import client_rounds, partition_counts
 
 # ---- the tidy tables of a real sweep --------------------------------------------------
 
