@@ -77,10 +77,13 @@ def write_tidy(results_dir: str | os.PathLike[str], name: str, frame: pd.DataFra
     atomic_write_bytes(folder / f"{name}.parquet", buffer.getvalue())
 
 
-def _completed(results_dir: str | os.PathLike[str]) -> list[tuple[RunDir, dict[str, Any]]]:
+def _completed(
+    runs: Sequence[tuple[RunDir, dict[str, Any]]],
+) -> list[tuple[RunDir, dict[str, Any]]]:
+    """The runs among ``runs`` (from :func:`_runs`) whose summary says completed."""
     return [
         (run, config)
-        for run, config in _runs(results_dir)
+        for run, config in runs
         if (run.read_summary() or {}).get("status") == "completed"
     ]
 
@@ -104,7 +107,7 @@ def _naming_keys(runs: Sequence[tuple[RunDir, Mapping[str, Any]]]) -> list[str]:
 def client_rounds(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """Every completed run's ``clients.csv`` (one row per sampled client per round), with
     the run's name, method, level, seed and the keys that vary between runs in front."""
-    runs = _completed(results_dir)
+    runs = _completed(_runs(results_dir))
     keys = _naming_keys(runs)
     frames = []
     for run, config in runs:
@@ -121,7 +124,7 @@ def client_rounds(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
 def partition_counts(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """Every completed run's ``partitions.csv`` in long form: run, method, level, seed, the
     keys that vary between runs, then partition_id, label, count (train samples)."""
-    runs = _completed(results_dir)
+    runs = _completed(_runs(results_dir))
     keys = _naming_keys(runs)
     frames = []
     for run, config in runs:
@@ -154,7 +157,7 @@ def curves(results_dir: str | os.PathLike[str], all_keys: bool = False) -> pd.Da
     keys = CONFIG_KEYS if all_keys else _swept_keys([c for _, c in runs])
     swept = [k for k in keys if k != "method"]
     frames = []
-    for run, config in _completed(results_dir):
+    for run, config in _completed(runs):
         metrics = run.read_metrics()
         steps_done = (metrics["kind"] == "step").cumsum()
         evals = metrics[metrics["kind"] == "eval"]
