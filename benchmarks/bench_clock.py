@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adc_flwr.config import RunConfig  # noqa: E402
-from adc_flwr.profiles import assign_profiles, write_profiles  # noqa: E402
-from adc_flwr.results import RunDir  # noqa: E402
+from adc_flwr.population.profiles import assign_profiles, write_profiles  # noqa: E402
+from adc_flwr.run.run_dir import RunDir  # noqa: E402
 from clients import client_app  # noqa: E402
-from strategies.experiment import run_experiment  # noqa: E402
-from strategies.inprocess_grid import InProcessGrid  # noqa: E402
+from simulations.inprocess_grid import InProcessGrid  # noqa: E402
+from strategies.lifecycle import run_training  # noqa: E402
 
 CLIENTS = 10
 
@@ -88,7 +88,7 @@ def main() -> int:
                 }
             )
             grid = InProcessGrid(client_app.app, CLIENTS, cfg.to_run_config())
-            run_experiment(grid, cfg, progress=lambda _: None)
+            run_training(grid, cfg, progress=lambda _: None)
             seconds[name].append(step_seconds(cfg.run_dir))
             print(f"{run_name}: {seconds[name][-1] * 1000:.1f} ms per step", flush=True)
     base = statistics.median(seconds["uniform"])

@@ -28,8 +28,8 @@ from collections.abc import Callable
 import torch
 
 from adc_flwr.compression.adc import ADCCompressor, num_clusters
-from adc_flwr.kmeans import _kmeans_pp, _lloyd
-from adc_flwr.model import build_vit, split_vit
+from adc_flwr.compression.kmeans import _kmeans_pp, _lloyd
+from adc_flwr.model.vit import build_vit, split_vit
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

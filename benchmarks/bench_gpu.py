@@ -78,7 +78,7 @@ SMOKE = Shapes("vit-cpu", 28, 7, 16)  # 64 wide, 6 blocks: 17 tokens, seconds on
 
 @dataclass
 class Received:
-    """What ``ServerWorker.step`` reads of a received packet (``adc_flwr.codec.ReceivedPacket``
+    """What ``ServerWorker.step`` reads of a received packet (``adc_flwr.wire.codec.ReceivedPacket``
     without importing Flower)."""
 
     tensors: dict[str, torch.Tensor]
@@ -97,7 +97,7 @@ class Wire:
 
     def up(self, packet: Any) -> Any:
         if self.codec:
-            from adc_flwr.codec import packet_to_record, record_to_packet
+            from adc_flwr.wire.codec import packet_to_record, record_to_packet
 
             return record_to_packet(packet_to_record(packet, "float32"), self.device)
         tensors = {
@@ -108,7 +108,7 @@ class Wire:
 
     def down(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.codec:
-            from adc_flwr.codec import grads_to_record, record_to_grads
+            from adc_flwr.wire.codec import grads_to_record, record_to_grads
 
             return record_to_grads(grads_to_record(grads, "float32"), self.device)
         return {k: self._trip(t) for k, t in grads.items()}
@@ -171,7 +171,7 @@ def unfit(shapes: Shapes, methods: list[str], precisions: list[str]) -> list[str
     (building each compressor, as ``validate_run`` does); [] when all can."""
     from adc_flwr.compression import available_methods, build_compressor
     from adc_flwr.config import PRECISIONS
-    from adc_flwr.model import PRESETS
+    from adc_flwr.model.vit import PRESETS
 
     known = available_methods()
     problems = [
@@ -196,18 +196,15 @@ def in_process(
 ) -> dict[str, Any]:
     """Median step time and peak memory of one client + the server back on ``device``."""
     from adc_flwr.compression import build_compressor
-    from adc_flwr.model import split_vit
-    from adc_flwr.training import (
-        ClientWorker,
-        InputSpec,
-        ServerWorker,
-        build_model,
+    from adc_flwr.model.inputs import InputSpec
+    from adc_flwr.model.vit import build_model, split_vit
+    from adc_flwr.training.modules import (
         client_modules,
         client_parameters,
         make_optimizer,
         server_parameters,
-        step_seed,
     )
+    from adc_flwr.training.workers import ClientWorker, ServerWorker, step_seed
 
     cfg = bench_config(shapes, method, precision, str(device))
     if device.type == "cuda":
@@ -219,7 +216,7 @@ def in_process(
     front, back = split_vit(vit, cfg.split_index)
     compressor = build_compressor(cfg, NUM_CLASSES, hidden_size=front.hidden_size).to(device)
     spec = InputSpec.for_model(vit, data)
-    # the optimizers a run builds: the client's (clients/setup.py) over its front and a
+    # the optimizers a run builds: the client's (clients/node_cache.py) over its front and a
     # learned method's encoder, the server's (build_strategy) over the back and the decoder
     client_params = client_parameters(client_modules(front, compressor))
     server_params = server_parameters(back, compressor)

@@ -30,12 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adc_flwr.codec import ReceivedPacket  # noqa: E402
 from adc_flwr.config import RunConfig  # noqa: E402
-from adc_flwr.training import ClientWorker, make_optimizer  # noqa: E402
-from clients.setup import client_setup  # noqa: E402
-from strategies.experiment import build_strategy  # noqa: E402
-from strategies.inprocess_grid import set_task_identity  # noqa: E402
+from adc_flwr.training.modules import make_optimizer  # noqa: E402
+from adc_flwr.training.workers import ClientWorker  # noqa: E402
+from adc_flwr.wire.codec import ReceivedPacket  # noqa: E402
+from clients.node_cache import client_setup  # noqa: E402
+from simulations.inprocess_grid import set_task_identity  # noqa: E402
+from strategies.lifecycle import build_strategy  # noqa: E402
 
 NUM_CLIENTS = 4
 

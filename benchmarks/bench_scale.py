@@ -143,8 +143,8 @@ def state_bytes(extra: str) -> int:
     sys.path.insert(0, str(ROOT))
     from adc_flwr.config import RunConfig
     from clients import client_app
-    from strategies.experiment import build_strategy
-    from strategies.inprocess_grid import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
+    from strategies.lifecycle import build_strategy
 
     values = parse_config_args([f"{extra} num-server-rounds=1 local-steps=1"])
     cfg = RunConfig.from_run_config(values | {"out-dir": tempfile.mkdtemp()})

@@ -26,10 +26,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from adc_flwr.codec import packet_to_record, record_to_grads, record_to_state, state_to_record
 from adc_flwr.config import RunConfig
-from adc_flwr.training import ClientWorker, optimizer_tensors
-from clients.setup import ClientSetup, client_setup
+from adc_flwr.training.modules import optimizer_tensors
+from adc_flwr.training.workers import ClientWorker
+from adc_flwr.wire.codec import packet_to_record, record_to_grads, record_to_state, state_to_record
+from clients.node_cache import ClientSetup, client_setup
 
 app = ClientApp()
 

@@ -7,7 +7,7 @@
 #   OUT_DIR (default ./results) and RUN_NAME (default run-<timestamp>) come from the
 #   environment; `out-dir` / `run-name` in RUN_CONFIG win over them.
 #
-# strategies/deploy.py does the work: it validates the config before anything starts,
+# simulations/deploy.py does the work: it validates the config before anything starts,
 # generates a throw-away CA, a server certificate for 127.0.0.1 and a key pair per SuperNode
 # (registered with `flwr supernode register`) in a private directory, judges the run by the
 # summary.json this invocation wrote, and on exit or Ctrl-C / SIGTERM ends every process it
@@ -23,4 +23,4 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
 
-exec python -m strategies.deploy "$@"
+exec python -m simulations.deploy "$@"

@@ -5,7 +5,7 @@
 #   OUT_DIR (default ./results) and RUN_NAME (default run-<timestamp>) come from the
 #   environment; `out-dir` / `run-name` in RUN_CONFIG win over them.
 #
-# strategies/launcher.py does the work: it validates the config before anything starts,
+# simulations/launcher.py does the work: it validates the config before anything starts,
 # gives the run its own Flower home, Ray temp dir and free ports, judges the run by the
 # summary.json this invocation wrote, and on exit or Ctrl-C / SIGTERM ends every process the
 # run started, by PID. Exit status: 0 completed, 1 failed or no verdict, 2 invalid config or
@@ -20,4 +20,4 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 RAY_ACCEL_ENV_VAR_OVERRIDE
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
 
-exec python -m strategies.launcher "$@"
+exec python -m simulations.launcher "$@"

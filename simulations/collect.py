@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from adc_flwr.results import RunDirError, atomic_write_text
+from adc_flwr.run.files import RunDirError, atomic_write_text
 from simulations.tables import (
     CLIENTS,
     CONFIG_KEYS,

@@ -11,7 +11,7 @@ An experiment file (``simulations/experiments/<name>.toml``) has:
 - optionally ``[sweep]``: ``nodes`` (SuperNodes, default 1, as in the paper's single
   client) and ``description``.
 
-Every selected point gets every check a run gets (:func:`adc_flwr.validation.validate_run`:
+Every selected point gets every check a run gets (:func:`adc_flwr.run.validation.validate_run`:
 types and ranges, method, model and split index, data, partitioning over the nodes) before
 anything runs, so a typo fails in seconds, not after an hour of sweeping. A point's run name
 is derived from the values swept for it (``adc-c0.1``, ``c3sl-r4``); results go to
@@ -49,10 +49,11 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from adc_flwr.config import ConfigError, RunConfig
-from adc_flwr.results import RunDir, RunDirError, atomic_write_json
-from adc_flwr.resume import FINISHED, RESUME, run_state
+from adc_flwr.run.files import RunDirError, atomic_write_json
+from adc_flwr.run.resume import FINISHED, RESUME, run_state
+from adc_flwr.run.run_dir import RunDir
 from simulations.collect import SWEEP_FILE, sweep_results
-from strategies.preflight import format_pairs
+from simulations.preflight import format_pairs
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,10 +300,10 @@ def validate(experiment: Experiment) -> None:
 
 
 def validate_points(experiment: Experiment, points: Iterable[Point], nodes: int) -> None:
-    """Every check a run gets (:func:`adc_flwr.validation.validate_run`: method, model and
+    """Every check a run gets (:func:`adc_flwr.run.validation.validate_run`: method, model and
     split index, dataset, partitioning over ``nodes`` clients) for each point, before any
     runs, so a bad point fails the sweep in seconds with file, point and key."""
-    from adc_flwr.validation import validate_run
+    from adc_flwr.run.validation import validate_run
 
     for point in points:
         try:
@@ -362,13 +363,13 @@ def _equal(value: Any, text: str) -> bool:
 def run_point_inprocess(
     cfg: RunConfig, nodes: int, progress: Callable[[str], None]
 ) -> dict[str, Any]:
-    """One point through :class:`InProcessGrid` + ``run_experiment``: no Ray, deterministic."""
+    """One point through :class:`InProcessGrid` + ``run_training``: no Ray, deterministic."""
     from clients import client_app
-    from strategies.experiment import run_experiment
-    from strategies.inprocess_grid import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
+    from strategies.lifecycle import run_training
 
     grid = InProcessGrid(client_app.app, nodes, cfg.to_run_config())
-    return run_experiment(grid, cfg, progress=progress)
+    return run_training(grid, cfg, progress=progress)
 
 
 def run_point_flwr(

@@ -18,14 +18,8 @@ from typing import Any
 import pandas as pd
 
 from adc_flwr.config import RunConfig, nominal_level
-from adc_flwr.results import (
-    CLIENT_COLUMNS,
-    CONFIG_FILE,
-    PARTITIONS_FILE,
-    RunDir,
-    atomic_write_bytes,
-    atomic_write_text,
-)
+from adc_flwr.run.files import atomic_write_bytes, atomic_write_text
+from adc_flwr.run.run_dir import CLIENT_COLUMNS, CONFIG_FILE, PARTITIONS_FILE, RunDir
 
 # the tidy tables of a sweep, each as csv and parquet: one row per run per evaluation (every
 # config key), per client per round (clients.csv) and per partition per class (partitions.csv)

@@ -17,9 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from adc_flwr.codec import record_to_state
-from adc_flwr.training import evaluate, load_modules_state
-from strategies.outcomes import STRAGGLER, RoundOutcome, round_line
+from adc_flwr.run.summary import STRAGGLER
+from adc_flwr.training.evaluation import evaluate
+from adc_flwr.training.modules import load_modules_state
+from adc_flwr.wire.codec import record_to_state
+from strategies.outcomes import RoundOutcome, round_line
 
 if TYPE_CHECKING:
     from strategies.split_strategy import SplitLearningStrategy

@@ -3,7 +3,7 @@
 Every sampled client ends a round in one of a few outcomes: finished, or dropped for a reason
 (``error``: it raised; ``timeout``: no reply in time; ``unavailable``: drawn, but its node was
 gone or still owed a reply from an earlier round; ``dropped-out`` and ``straggler``: the
-simulated population's drop-outs and slow clients, :mod:`strategies.population`). A round
+simulated population's drop-outs and slow clients, :mod:`strategies.simulated_clients`). A round
 with fewer finished clients than ``min-clients`` fails the run with a message that says which
 clients and why; a failure shared by many clients is told once with its message, not once per
 client.
@@ -18,20 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message
 
-from adc_flwr.accounting import Traffic
-from strategies.transport import ERROR, TIMEOUT, UNAVAILABLE, Failure
-
-DROPPED_OUT = "dropped-out"  # the simulated client vanished mid-round
-STRAGGLER = "straggler"  # too slow for deadline-s, or not among the first (over-select)
-DROP_REASONS = (ERROR, TIMEOUT, UNAVAILABLE, DROPPED_OUT, STRAGGLER)
-
+from adc_flwr.run.summary import DROP_REASONS, drop_key
+from adc_flwr.wire.accounting import Traffic
+from strategies.messaging import Failure
 
 FED_EVAL_KEYS = ("fed_accuracy_mean", "fed_accuracy_p10", "fed_accuracy_min")
-
-
-def drop_key(reason: str) -> str:
-    """The ``history`` column counting ``reason``: ``dropped_error``, ``dropped_dropped_out``."""
-    return f"dropped_{reason.replace('-', '_')}"
 
 
 MAX_LISTED = 8  # partition ids listed per failure group before "and N more"

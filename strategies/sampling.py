@@ -2,7 +2,7 @@
 
 Under Ray node ids are random 64-bit integers that say nothing about the data a node holds,
 so the sampler asks each new node which partition it holds (``query.info``, see
-:func:`strategies.transport.discover_partitions`) and draws partition ids: the same seed
+:func:`strategies.messaging.discover_partitions`) and draws partition ids: the same seed
 samples the same partitions whatever the node ids are.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from adc_flwr.config import RunConfig
-from strategies.transport import Transport, discover_partitions
+from strategies.messaging import Messenger, discover_partitions
 
 
 @dataclass
@@ -70,20 +70,20 @@ class PartitionSampler:
                 )
             time.sleep(0.1)
 
-    def available(self, transport: Transport) -> dict[int, str]:
+    def available(self, messenger: Messenger) -> dict[int, str]:
         """Every partition of the run -> why it cannot train now ("" when it can): its node
         is not registered (or never said which partition it holds), or owes a reply.
 
         New nodes are asked which partition they hold first.
         """
-        registered = self.wait_for_nodes(transport.grid)
+        registered = self.wait_for_nodes(messenger.grid)
         known = set(self.nodes.values())
-        busy = transport.busy_nodes()
+        busy = messenger.busy_nodes()
         unknown = [n for n in registered if n not in known and n not in busy]
         if unknown:
             started = time.perf_counter()
             found, num_partitions, silent = discover_partitions(
-                transport, unknown, self.cfg.start_timeout
+                messenger, unknown, self.cfg.start_timeout
             )
             for partition, node in found.items():
                 if self.nodes.get(partition, node) != node and self.nodes[partition] in registered:
@@ -97,7 +97,7 @@ class PartitionSampler:
                 f"(asked in {time.perf_counter() - started:.1f} s)"
                 + (f"; {len(silent)} did not answer" if silent else "")
             )
-        alive, busy = set(registered), transport.busy_nodes()
+        alive, busy = set(registered), messenger.busy_nodes()
         reasons = {}
         for partition in range(max(self.num_partitions, max(self.nodes, default=-1) + 1)):
             node = self.nodes.get(partition)
@@ -111,7 +111,7 @@ class PartitionSampler:
 
     def sample(
         self,
-        transport: Transport,
+        messenger: Messenger,
         reachable: Callable[[int], np.ndarray],
     ) -> Draw:
         """This round's draw, in ascending order, with the seeded generator: of the
@@ -121,7 +121,7 @@ class PartitionSampler:
         registered or busy (a resumed run draws the same), so such a pick is not replaced:
         it counts against ``min-clients``.
         """
-        reasons = self.available(transport)
+        reasons = self.available(messenger)
         if not reasons:
             raise RuntimeError("no SuperNode answered which data partition it holds")
         total = len(reasons)

@@ -6,8 +6,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from adc_flwr.config import RunConfig
-from adc_flwr.memory import map_large_blocks
-from strategies.experiment import run_experiment
+from strategies.lifecycle import run_training
+from strategies.memory import map_large_blocks
 
 app = ServerApp()
 
@@ -17,4 +17,4 @@ def main(grid: Grid, context: Context) -> None:
     """Validate the config, then train; failures are recorded in summary.json and re-raised."""
     map_large_blocks()  # this process also holds every node's context.state (simulation)
     cfg = RunConfig.from_run_config(context.run_config)
-    run_experiment(grid, cfg)
+    run_training(grid, cfg)

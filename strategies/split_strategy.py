@@ -4,7 +4,7 @@ Flower's ``Strategy.start`` makes one train exchange per round; split learning n
 step, so ``start`` is overridden with the loop of DESIGN.md section 3, which reads top to
 bottom below: sample partitions, start them, step until each has done its steps, average
 (SplitFed) or relay (vanilla) the fronts, evaluate. Messaging lives in
-:mod:`strategies.transport`, round outcomes in :mod:`strategies.outcomes`.
+:mod:`strategies.messaging`, round outcomes in :mod:`strategies.outcomes`.
 
 Clients are sampled by data partition, never by node id: under Ray node ids are random, so
 the seeded sampler draws partition ids and :func:`discover_partitions` maps them to nodes.
@@ -26,24 +26,27 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from adc_flwr.accounting import Traffic, TrafficLedger
-from adc_flwr.codec import (
+from adc_flwr.compression import Compressor, build_compressor
+from adc_flwr.config import RunConfig
+from adc_flwr.data import ImageSplit
+from adc_flwr.model.flops import step_flops
+from adc_flwr.model.inputs import InputSpec
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.run.summary import STRAGGLER, UNAVAILABLE
+from adc_flwr.training.modules import load_modules_state
+from adc_flwr.training.workers import ServerWorker
+from adc_flwr.wire.accounting import Traffic, TrafficLedger
+from adc_flwr.wire.codec import (
     grads_to_record,
     record_to_packet,
     record_to_state,
     uncompressed_act_nbytes,
 )
-from adc_flwr.compression import Compressor, build_compressor
-from adc_flwr.config import RunConfig
-from adc_flwr.data import ImageSplit
-from adc_flwr.flops import step_flops
-from adc_flwr.results import RunDir
-from adc_flwr.training import InputSpec, ServerWorker, load_modules_state
 from strategies.evaluation import Evaluation
-from strategies.outcomes import STRAGGLER, RoundOutcome, describe_failures
-from strategies.population import DROP_DETAIL, ClientCost, SimulatedClients
+from strategies.messaging import Failure, Messenger
+from strategies.outcomes import RoundOutcome, describe_failures
 from strategies.sampling import Draw, PartitionSampler
-from strategies.transport import UNAVAILABLE, Failure, Transport
+from strategies.simulated_clients import DROP_DETAIL, ClientCost, SimulatedClients
 
 log = logging.getLogger("adc_flwr")
 
@@ -111,7 +114,7 @@ class SplitLearningStrategy(Evaluation, Strategy):
         self.wall_offset = 0.0
         self.timeout = cfg.step_timeout
         self.started: set[int] = set()  # partitions started in this process (warm)
-        self.transport: Transport | None = None
+        self.messenger: Messenger | None = None
         self._wall_start = time.perf_counter()
         self._probe_modules: dict[str, torch.nn.Module] | None = None
         self.clients = SimulatedClients(
@@ -174,9 +177,9 @@ class SplitLearningStrategy(Evaluation, Strategy):
         """This round's partitions, drawn from those reachable at its start, and those that
         cannot train (see :meth:`PartitionSampler.sample`); each call draws once from the
         seeded generator and chooses each pick's ξ."""
-        if self.transport is None or self.transport.grid is not grid:
-            self.transport = Transport(grid)
-        draw = self.sampler.sample(self.transport, self.clients.reachable(server_round))
+        if self.messenger is None or self.messenger.grid is not grid:
+            self.messenger = Messenger(grid)
+        draw = self.sampler.sample(self.messenger, self.clients.reachable(server_round))
         self.clients.begin_round(draw.picks)
         return draw
 
@@ -505,8 +508,8 @@ class SplitLearningStrategy(Evaluation, Strategy):
         if not messages:
             return {}
         partition_of = {m.metadata.dst_node_id: p for p, m in messages.items()}
-        assert self.transport is not None  # set by sample()
-        result = self.transport.exchange(list(messages.values()), timeout or self.timeout)
+        assert self.messenger is not None  # set by sample()
+        result = self.messenger.exchange(list(messages.values()), timeout or self.timeout)
         failed = {partition_of[node]: f for node, f in result.failures.items()}
         if failed and outcome is not None:
             outcome.failures.update(failed)
@@ -518,8 +521,8 @@ class SplitLearningStrategy(Evaluation, Strategy):
 
     def idle(self, partitions: list[int]) -> list[int]:
         """Those of ``partitions`` whose node owes no reply (may be sent a message now)."""
-        assert self.transport is not None
-        busy = self.transport.busy_nodes()
+        assert self.messenger is not None
+        busy = self.messenger.busy_nodes()
         return [p for p in partitions if self.sampler.nodes[p] not in busy]
 
     # ---- checkpoint support -------------------------------------------------------------

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from adc_flwr.accounting import Traffic, TrafficLedger
-from adc_flwr.codec import (
+from adc_flwr.compression.none import NoCompression
+from adc_flwr.wire.accounting import Traffic, TrafficLedger
+from adc_flwr.wire.codec import (
     grads_to_record,
     packet_to_record,
     state_to_record,
     uncompressed_act_nbytes,
 )
-from adc_flwr.compression.none import NoCompression
 
 
 def test_traffic_sums_and_views() -> None:

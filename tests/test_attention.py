@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from adc_flwr.attention import CLSAttentionProbe, cls_attention_row
-from adc_flwr.model import build_vit, split_vit
+from adc_flwr.model.attention import CLSAttentionProbe, cls_attention_row
+from adc_flwr.model.vit import build_vit, split_vit
 
 N_TOKENS = 17  # 8×8 images, patch 2: a count no other dimension of the tiny model has
 

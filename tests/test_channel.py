@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adc_flwr.channel import Channel, build_channel
-from adc_flwr.codec import packet_to_record, record_to_packet
 from adc_flwr.compression import Packet
 from adc_flwr.config import RunConfig
-from adc_flwr.results import RunDir
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.wire.channel import Channel, build_channel
+from adc_flwr.wire.codec import packet_to_record, record_to_packet
 from clients import client_app as client_module
-from helpers import tiny_config, train_in_process
-from strategies import experiment
-from strategies.experiment import build_strategy, run_experiment
-from strategies.inprocess_grid import InProcessGrid, set_task_identity
+from simulations.inprocess_grid import InProcessGrid, set_task_identity
+from strategies import lifecycle as experiment
+from strategies.lifecycle import build_strategy, run_training
+from tests.support.helpers import tiny_config, train_in_process
 
 
 def measured_snr_db(signal: torch.Tensor, received: torch.Tensor) -> float:
@@ -220,7 +220,7 @@ def test_server_downlink_noise_on_the_gradients(tmp_path: Path) -> None:
 def test_inprocess_run_with_awgn_completes(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, method="adc", compression=0.25, channel="awgn", snr_db="-10,10")
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, progress=lambda _: None)
+    summary = run_training(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed" and summary["rounds"] == 1
     assert math.isfinite(summary["test_accuracy"])
 
@@ -271,7 +271,7 @@ def test_resume_continues_the_noise_stream(tmp_path: Path, monkeypatch: pytest.M
         )
 
     whole = cfg_at(tmp_path / "a")
-    run_experiment(
+    run_training(
         InProcessGrid(client_module.app, 1, whole.to_run_config()),
         whole,
         progress=lambda _: None,
@@ -286,13 +286,13 @@ def test_resume_continues_the_noise_stream(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", crash_in_round_2)
     with pytest.raises(RuntimeError, match="power cut"):
-        run_experiment(
+        run_training(
             InProcessGrid(client_module.app, 1, cfg.to_run_config()),
             cfg,
             progress=lambda _: None,
         )
     monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", real_evaluate)
-    run_experiment(
+    run_training(
         InProcessGrid(client_module.app, 1, cfg.to_run_config()),
         cfg,
         progress=lambda _: None,

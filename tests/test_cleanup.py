@@ -1,4 +1,4 @@
-"""The launchers' clean-up (``strategies.launcher``, ``strategies.deploy``) in this process,
+"""The launchers' clean-up (``simulations.launcher``, ``simulations.deploy``) in this process,
 with Flower faked: wherever a stop signal lands, every process is stopped and the private
 directory removed; a run that fails before its ServerApp makes the run directory leaves
 Flower's logs where the verdict says they are."""
@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from strategies import deploy, launcher, preflight
-from strategies.federation import FederationError
-from strategies.preflight import EXIT_FAILED, EXIT_INTERRUPTED
-from strategies.reaper import STOP_SIGNALS
+from simulations import deploy, launcher, preflight
+from simulations.local_deployment import DeploymentError
+from simulations.preflight import EXIT_FAILED, EXIT_INTERRUPTED
+from simulations.reaper import STOP_SIGNALS
 
 
-class FakeFederation:
-    """What deploy uses of a LocalFederation: its home, its processes by name, their logs."""
+class FakeDeployment:
+    """What deploy uses of a LocalDeployment: its home, its processes by name, their logs."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -35,7 +35,7 @@ class FakeFederation:
         return self.home / "logs" / f"{name}.log"
 
 
-def start_federation(fed: FakeFederation, nodes: int) -> None:
+def start_deployment(fed: FakeDeployment, nodes: int) -> None:
     """Every process "started": a log each."""
     for name in ["superlink", *(f"supernode-{i}" for i in range(nodes))]:
         fed.log(name).parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +43,9 @@ def start_federation(fed: FakeFederation, nodes: int) -> None:
         fed.procs[name] = None
 
 
-def refused(fed: FakeFederation, nodes: int) -> None:
-    start_federation(fed, nodes)
-    raise FederationError("supernode-1 exited (305) before it came online")
+def refused(fed: FakeDeployment, nodes: int) -> None:
+    start_deployment(fed, nodes)
+    raise DeploymentError("supernode-1 exited (305) before it came online")
 
 
 class FlwrRunFailsEarly:
@@ -90,8 +90,8 @@ def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Record]:
         monkeypatch.setattr(module, "stop_descendants", stop_descendants)
     monkeypatch.setattr(tempfile, "mkdtemp", private_dir)
     monkeypatch.setattr(subprocess, "Popen", FlwrRunFailsEarly)
-    monkeypatch.setattr(deploy, "LocalFederation", FakeFederation)
-    monkeypatch.setattr(deploy, "start_federation", start_federation)
+    monkeypatch.setattr(deploy, "LocalDeployment", FakeDeployment)
+    monkeypatch.setattr(deploy, "start_deployment", start_deployment)
     # no run starts here, so there is no checkpoint to write an interrupted summary from
     monkeypatch.setattr(preflight, "mark_interrupted", lambda *_: None)
     monkeypatch.setenv("OUT_DIR", str(tmp_path / "out"))
@@ -102,17 +102,17 @@ def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Record]:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-@pytest.mark.parametrize("start", [start_federation, refused], ids=["flwr-run", "federation"])
+@pytest.mark.parametrize("start", [start_deployment, refused], ids=["flwr-run", "federation"])
 def test_an_early_failure_keeps_flowers_logs_where_the_verdict_says(
     faked: Record,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    start: Callable[[FakeFederation, int], None],
+    start: Callable[[FakeDeployment, int], None],
 ) -> None:
     """``flwr run`` (or the deployment) fails before the ServerApp makes the run directory:
     it is made for Flower's logs, which the error names, before the private copy goes."""
-    monkeypatch.setattr(deploy, "start_federation", start)
+    monkeypatch.setattr(deploy, "start_deployment", start)
     monkeypatch.setenv("RUN_NAME", "early")
     assert deploy.main(["2"]) == EXIT_FAILED
     err = capsys.readouterr().err

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from adc_flwr.codec import (
+from adc_flwr.compression.base import Packet
+from adc_flwr.compression.none import NoCompression
+from adc_flwr.wire.codec import (
     act_and_target_nbytes,
     grads_to_record,
     packet_to_record,
@@ -17,8 +19,6 @@ from adc_flwr.codec import (
     state_to_record,
     uncompressed_act_nbytes,
 )
-from adc_flwr.compression.base import Packet
-from adc_flwr.compression.none import NoCompression
 
 
 def _packet(h: torch.Tensor, **extra: torch.Tensor) -> Packet:

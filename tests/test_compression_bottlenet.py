@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from adc_flwr.codec import (
+from adc_flwr.compression import build_compressor
+from adc_flwr.compression.bottlenet import BottleNetCompressor, bottleneck_width, linear_widths
+from adc_flwr.config import RunConfig
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.training.modules import modules_state
+from adc_flwr.wire.codec import (
     act_and_target_nbytes,
     grads_to_record,
     packet_to_record,
@@ -17,16 +22,11 @@ from adc_flwr.codec import (
     record_to_packet,
     uncompressed_act_nbytes,
 )
-from adc_flwr.compression import build_compressor
-from adc_flwr.compression.bottlenet import BottleNetCompressor, bottleneck_width, linear_widths
-from adc_flwr.config import RunConfig
-from adc_flwr.results import RunDir
-from adc_flwr.training import modules_state
 from clients import client_app as client_module
-from clients.setup import client_setup
-from helpers import tiny_config
-from strategies.experiment import build_strategy, run_experiment
-from strategies.inprocess_grid import InProcessGrid, set_task_identity
+from clients.node_cache import client_setup
+from simulations.inprocess_grid import InProcessGrid, set_task_identity
+from strategies.lifecycle import build_strategy, run_training
+from tests.support.helpers import tiny_config
 
 C = 10
 
@@ -221,7 +221,7 @@ def test_training_run_lowers_the_loss(tmp_path: Path) -> None:
     )
     initial, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     grid = InProcessGrid(client_module.app, 4, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, progress=lambda _: None)
+    summary = run_training(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed"
     losses = RunDir(cfg.run_dir).read_metrics().query("kind == 'step'")["train_loss"].to_numpy()
     assert len(losses) == 8 and np.mean(losses[-3:]) < losses[0] - 0.3

@@ -16,9 +16,9 @@ import torch
 from adc_flwr.compression import Compressor, available_methods, build_compressor
 from adc_flwr.compression.bottlenet import BottleNetCompressor
 from adc_flwr.config import RunConfig
-from adc_flwr.training import evaluate
-from helpers import tiny_config
-from strategies.experiment import build_strategy
+from adc_flwr.training.evaluation import evaluate
+from strategies.lifecycle import build_strategy
+from tests.support.helpers import tiny_config
 
 C = 10
 B, N, D = 8, 5, 8  # B a multiple of C3-SL's R = round(1/0.25)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from adc_flwr.codec import (
+from adc_flwr.compression import build_compressor
+from adc_flwr.compression.pq import ProductQuantizer, choose_levels, pq_nbytes
+from adc_flwr.config import RunConfig
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.training.modules import modules_state
+from adc_flwr.training.workers import ServerWorker
+from adc_flwr.wire.codec import (
     ArrayRecord,
     act_and_target_nbytes,
     grads_to_record,
@@ -17,16 +23,11 @@ from adc_flwr.codec import (
     record_to_packet,
     uncompressed_act_nbytes,
 )
-from adc_flwr.compression import build_compressor
-from adc_flwr.compression.pq import ProductQuantizer, choose_levels, pq_nbytes
-from adc_flwr.config import RunConfig
-from adc_flwr.results import RunDir
-from adc_flwr.training import ServerWorker, modules_state
 from clients import client_app as client_module
-from clients.setup import client_setup
-from helpers import tiny_config
-from strategies.experiment import build_strategy, run_experiment
-from strategies.inprocess_grid import InProcessGrid, set_task_identity
+from clients.node_cache import client_setup
+from simulations.inprocess_grid import InProcessGrid, set_task_identity
+from strategies.lifecycle import build_strategy, run_training
+from tests.support.helpers import tiny_config
 
 C = 10
 
@@ -299,7 +300,7 @@ def test_training_run_lowers_the_loss(tmp_path: Path) -> None:
         fraction_train=0.25,
     )
     grid = InProcessGrid(client_module.app, 4, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, progress=lambda _: None)
+    summary = run_training(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed"
     losses = RunDir(cfg.run_dir).read_metrics().query("kind == 'step'")["train_loss"].to_numpy()
     assert len(losses) == 8 and np.mean(losses[-3:]) < losses[0] - 0.3

@@ -8,15 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from adc_flwr.codec import (
-    act_and_target_nbytes,
-    grads_to_record,
-    packet_to_record,
-    record_nbytes,
-    record_to_grads,
-    record_to_packet,
-    uncompressed_act_nbytes,
-)
 from adc_flwr.compression import build_compressor
 from adc_flwr.compression.quant import (
     QuantCompressor,
@@ -27,11 +18,20 @@ from adc_flwr.compression.quant import (
     unpack_bits,
 )
 from adc_flwr.config import RunConfig
-from adc_flwr.results import RunDir
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.wire.codec import (
+    act_and_target_nbytes,
+    grads_to_record,
+    packet_to_record,
+    record_nbytes,
+    record_to_grads,
+    record_to_packet,
+    uncompressed_act_nbytes,
+)
 from clients import client_app as client_module
-from helpers import front_copy, tiny_config, train_in_process
-from strategies.experiment import run_experiment
-from strategies.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
+from strategies.lifecycle import run_training
+from tests.support.helpers import front_copy, tiny_config, train_in_process
 
 C = 10
 
@@ -235,7 +235,7 @@ def test_grid_training_lowers_the_loss_and_counts_bytes(tmp_path: Path) -> None:
         classes_per_client=2,
     )
     grid = InProcessGrid(client_module.app, 1, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, progress=lambda _: None)
+    summary = run_training(grid, cfg, progress=lambda _: None)
     assert summary["status"] == "completed"
     losses = RunDir(cfg.run_dir).read_metrics().query("kind == 'step'")["train_loss"].to_numpy()
     assert len(losses) == 12

@@ -15,8 +15,8 @@ import pytest
 from adc_flwr.data import DataError, LazyImages, load_data
 from adc_flwr.data import stats as stats_module
 from adc_flwr.data.sources import _load_data_cached
-from clients.setup import client_setup
-from helpers import tiny_config
+from clients.node_cache import client_setup
+from tests.support.helpers import tiny_config
 
 NAMES = ["a", "b", "c", "d"]
 # Mixed sizes and modes: the most common min(w, h) is 12, so most images are cropped and

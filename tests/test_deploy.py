@@ -16,11 +16,11 @@ import pandas as pd
 import psutil
 import pytest
 
-from adc_flwr.results import METRIC_COLUMNS
-from helpers import flwr_run_env, run_server_app, tiny_config
-from strategies.certs import make_node_key, make_tls
-from strategies.federation import LocalFederation
-from strategies.reaper import free_ports
+from adc_flwr.run.run_dir import METRIC_COLUMNS
+from simulations.certs import make_node_key, make_tls
+from simulations.local_deployment import LocalDeployment
+from simulations.reaper import free_ports
+from tests.support.helpers import flwr_run_env, run_server_app, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -81,7 +81,7 @@ def survivors(seen: dict[tuple[int, float], str]) -> list[str]:
     return alive
 
 
-def stop_federation(fed: LocalFederation | SimpleNamespace, grace_s: float = 5.0) -> None:
+def stop_federation(fed: LocalDeployment | SimpleNamespace, grace_s: float = 5.0) -> None:
     """End the federation's processes that still run, and their descendants, by PID (this
     test process is no subreaper): SIGTERM, then SIGKILL after ``grace_s``. One already
     reaped is left alone: its PID may name an unrelated process by now."""
@@ -149,7 +149,7 @@ def test_unregistered_supernode_is_refused(tmp_path: Path) -> None:
     """With SuperNode authentication, a SuperNode whose key was not registered cannot
     activate (Flower 1.41: HTTP 412, exit code 305) and never shows up in the SuperLink's
     node list; the registered one, started the same way, comes online."""
-    fed = LocalFederation(tmp_path / "fed")
+    fed = LocalDeployment(tmp_path / "fed")
     link_port, good_port, bad_port = free_ports(3)
     try:
         fed.start_superlink(link_port, cwd=ROOT)

@@ -27,9 +27,9 @@ import torch
 
 import adc_flwr.data
 from adc_flwr.config import ConfigError, RunConfig
-from adc_flwr.device import check_precision, client_device, resolve_device
-from adc_flwr.validation import validate_run
-from helpers import flwr_run_env
+from adc_flwr.run.validation import validate_run
+from adc_flwr.training.device import check_precision, client_device, resolve_device
+from tests.support.helpers import flwr_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -24,8 +24,15 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from adc_flwr.channel import Channel
-from adc_flwr.codec import (
+from adc_flwr.compression import Packet, available_methods, build_compressor
+from adc_flwr.compression.kmeans import kmeans
+from adc_flwr.config import RunConfig
+from adc_flwr.data import ImageSplit
+from adc_flwr.training.device import autocast
+from adc_flwr.training.evaluation import evaluate
+from adc_flwr.training.modules import modules_state
+from adc_flwr.wire.channel import Channel
+from adc_flwr.wire.codec import (
     ReceivedPacket,
     grads_to_record,
     packet_to_record,
@@ -33,15 +40,9 @@ from adc_flwr.codec import (
     record_to_packet,
     state_to_record,
 )
-from adc_flwr.compression import Packet, available_methods, build_compressor
-from adc_flwr.config import RunConfig
-from adc_flwr.data import ImageSplit
-from adc_flwr.device import autocast
-from adc_flwr.kmeans import kmeans
-from adc_flwr.training import evaluate, modules_state
-from clients.setup import client_setup
-from helpers import tiny_config
-from strategies.experiment import build_strategy
+from clients.node_cache import client_setup
+from strategies.lifecycle import build_strategy
+from tests.support.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 B, N, D, C = 8, 17, 64, 10
@@ -99,7 +100,7 @@ def test_codec_decodes_onto_the_device_it_is_given() -> None:
 
 
 def test_the_server_moves_a_received_packet_onto_its_device() -> None:
-    from adc_flwr.training import _move_received
+    from adc_flwr.training.workers import _move_received
 
     received = ReceivedPacket(
         {"act": torch.randn(B, N, D, requires_grad=True), "idx": torch.arange(B)},

@@ -10,8 +10,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from helpers import flwr_run_env
-from strategies.outcomes import DROP_REASONS
+from adc_flwr.run.summary import DROP_REASONS
+from tests.support.helpers import flwr_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

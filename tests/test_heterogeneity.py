@@ -15,24 +15,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adc_flwr.accounting import Traffic, TrafficLedger
-from adc_flwr.clock import SimClock, Turn
-from adc_flwr.codec import uncompressed_act_nbytes
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import ConfigError
 from adc_flwr.data import held_out_split, load_data
-from adc_flwr.flops import step_flops
-from adc_flwr.model import split_vit
-from adc_flwr.profiles import ClientProfile, Population, read_trace, write_profiles
-from adc_flwr.results import RunDir
-from adc_flwr.training import InputSpec, build_model
-from adc_flwr.validation import validate_run
+from adc_flwr.model.flops import step_flops
+from adc_flwr.model.inputs import InputSpec
+from adc_flwr.model.vit import build_model, split_vit
+from adc_flwr.population.clock import SimClock, Turn
+from adc_flwr.population.profiles import ClientProfile, Population, read_trace, write_profiles
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.run.validation import validate_run
+from adc_flwr.wire.accounting import Traffic, TrafficLedger
+from adc_flwr.wire.codec import uncompressed_act_nbytes
 from clients import client_app
-from helpers import run_server_app, tiny_config
-from strategies.experiment import run_experiment
-from strategies.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
+from strategies.lifecycle import run_training
 from strategies.outcomes import RoundFailed
-from strategies.population import SimulatedClients
+from strategies.simulated_clients import SimulatedClients
+from tests.support.helpers import run_server_app, tiny_config
 
 FAST = ClientProfile("fast", 100.0, 200.0, 0.01, 50.0, 1.0, 0.0)
 SLOW = ClientProfile("slow", 1.0, 2.0, 0.05, 5.0, 1.0, 0.0)
@@ -341,7 +341,7 @@ def test_round_lines_show_the_simulated_clock_and_an_eta(tmp_path: Path) -> None
     cfg = tiny_config(tmp_path, num_server_rounds=2, local_steps=1)
     lines: list[str] = []
     grid = InProcessGrid(client_app.app, 2, cfg.to_run_config())
-    run_experiment(grid, cfg, progress=lines.append)
+    run_training(grid, cfg, progress=lines.append)
     first, last = (next(x for x in lines if x.startswith(f"round   {r}/2")) for r in (1, 2))
     assert " | sim " in first and " | eta " in first  # one round left
     assert " | eta " not in last

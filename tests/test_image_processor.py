@@ -1,4 +1,4 @@
-"""Checkpoints' inputs follow their image processor (adc_flwr/preprocessing.py).
+"""Checkpoints' inputs follow their image processor (adc_flwr/model/preprocessing.py).
 
 Everything is local: tiny checkpoints saved with ``save_pretrained``, a tiny parquet set,
 and, for ``hf:`` ids, a Hugging Face cache built in tmp with the hub switched off.
@@ -20,19 +20,20 @@ import torch
 
 from adc_flwr.config import ConfigError
 from adc_flwr.data import load_data, to_model_input
-from adc_flwr.model import ModelError, build_vit
-from adc_flwr.preprocessing import (
+from adc_flwr.model.inputs import InputSpec
+from adc_flwr.model.preprocessing import (
     PROCESSOR_FILE,
     ImageProcessorWarning,
     Preprocessing,
     _resolve,
     checkpoint_preprocessing,
 )
-from adc_flwr.training import InputSpec
-from adc_flwr.validation import validate_run
-from clients.setup import client_setup, model_skeleton
-from helpers import run_server_app, tiny_config, train_in_process
-from hub_standins import (
+from adc_flwr.model.vit import ModelError, build_vit
+from adc_flwr.run.validation import validate_run
+from clients.node_cache import client_setup, model_skeleton
+from simulations.sweep import load_experiment, run_sweep
+from tests.support.helpers import run_server_app, tiny_config, train_in_process
+from tests.support.hub_standins import (
     PROCESSOR_MEAN,
     PROCESSOR_STD,
     processor_kwargs,
@@ -40,7 +41,6 @@ from hub_standins import (
     save_tiny_vit,
     solid_colours,
 )
-from simulations.sweep import load_experiment, run_sweep
 
 SIDE = 32  # the checkpoint's and its processor's size; the parquet images are 20 px
 

@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
-from adc_flwr.kmeans import kmeans
+from adc_flwr.compression.kmeans import kmeans
 
 
 def _sk_inertia(x: torch.Tensor, k: int, n_init: int, seed: int) -> float:

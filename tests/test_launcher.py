@@ -14,10 +14,10 @@ import psutil
 import pytest
 
 from clients import client_app as client_module
-from helpers import flwr_run_env, tiny_config
+from simulations.inprocess_grid import InProcessGrid
 from simulations.sweep import main as sweep_main
-from strategies.experiment import run_experiment
-from strategies.inprocess_grid import InProcessGrid
+from strategies.lifecycle import run_training
+from tests.support.helpers import flwr_run_env, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "dataset='digits' method='none' batch-size=16 eval-samples=64 local-steps=3 lr=0.001"
@@ -73,7 +73,7 @@ def test_verdicts_belong_to_this_invocation(tmp_path: Path) -> None:
     config is refused (never "completed" from the old summary)."""
     cfg = tiny_config(tmp_path, run_name="done")
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
-    assert run_experiment(grid, cfg, progress=lambda _: None)["status"] == "completed"
+    assert run_training(grid, cfg, progress=lambda _: None)["status"] == "completed"
     summary = (tmp_path / "done" / "summary.json").read_bytes()
 
     code, out = finish(launch(tmp_path, "done", f"{TINY} num-server-rounds=1"))

@@ -11,11 +11,11 @@ import pytest
 import torch
 from flwr.app import Message
 
-from adc_flwr.training import ClientWorker
-from clients.setup import client_setup
-from helpers import run_server_app, tiny_config
-from strategies.outcomes import DROP_REASONS
+from adc_flwr.run.summary import DROP_REASONS
+from adc_flwr.training.workers import ClientWorker
+from clients.node_cache import client_setup
 from strategies.split_strategy import SplitLearningStrategy
+from tests.support.helpers import run_server_app, tiny_config
 
 
 class CallLog:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from adc_flwr.model import (
+from adc_flwr.model.vit import (
     PRESETS,
     ClientFront,
     ModelError,

@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from adc_flwr.results import (
-    METRIC_COLUMNS,
-    RunDir,
-    RunDirError,
-    atomic_torch_save,
-    atomic_write_json,
-    atomic_write_text,
-    make_summary,
-)
+from adc_flwr.run.files import RunDirError, atomic_torch_save, atomic_write_json, atomic_write_text
+from adc_flwr.run.run_dir import METRIC_COLUMNS, RunDir
+from adc_flwr.run.summary import make_summary
 
 
 def _no_temp_files(directory: Path) -> bool:
@@ -138,16 +132,15 @@ def test_checkpoint_with_numpy_rng_state_still_loads(tmp_path: Path) -> None:
     assert loaded["gen"] == rng.bit_generator.state
 
 
-def test_config_and_summary_and_is_finished(tmp_path: Path) -> None:
+def test_config_and_summary_read_back_as_written(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "a" / "b")
-    assert run.read_summary() is None and not run.is_finished()
+    assert run.read_config() is None and run.read_summary() is None
     run.write_config({"method": "adc", "compression": 0.1})
     assert run.read_config() == {"method": "adc", "compression": 0.1}
     run.write_summary(make_summary("failed", error="OOM", rounds=1))
-    assert not RunDir(tmp_path / "a" / "b").is_finished()
+    assert RunDir(tmp_path / "a" / "b").read_summary()["status"] == "failed"
     run.write_summary(make_summary("completed", stop_reason="rounds", test_accuracy=0.8))
-    assert RunDir(tmp_path / "a" / "b").is_finished()
-    assert run.read_summary()["test_accuracy"] == 0.8
+    assert RunDir(tmp_path / "a" / "b").read_summary()["test_accuracy"] == 0.8
 
 
 def test_make_summary_guarantees_keys() -> None:

@@ -14,14 +14,15 @@ import pandas as pd
 import pytest
 
 from adc_flwr.config import RunConfig
-from adc_flwr.results import RunDir, RunDirError
-from adc_flwr.resume import FINISHED, RESUME, run_state
-from adc_flwr.training import ServerWorker
+from adc_flwr.run.files import RunDirError
+from adc_flwr.run.resume import FINISHED, RESUME, run_state
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.training.workers import ServerWorker
 from clients import client_app as client_module
-from helpers import tiny_config
-from strategies.experiment import run_experiment
-from strategies.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
+from strategies.lifecycle import run_training
 from strategies.split_strategy import SplitLearningStrategy
+from tests.support.helpers import tiny_config
 
 
 class Kill(Exception):
@@ -35,7 +36,7 @@ def config(path: Path) -> RunConfig:
 
 def run(cfg: RunConfig, seed: int = 0) -> dict:
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config(), seed=seed)
-    return run_experiment(grid, cfg, progress=lambda _: None)
+    return run_training(grid, cfg, progress=lambda _: None)
 
 
 def metrics(cfg: RunConfig) -> pd.DataFrame:
@@ -189,7 +190,7 @@ def test_killed_sampling_run_resumes_with_the_same_draws(
 
     def run4(cfg: RunConfig, seed: int) -> dict:
         grid = InProcessGrid(client_module.app, 4, cfg.to_run_config(), seed=seed)
-        return run_experiment(grid, cfg, progress=lambda _: None)
+        return run_training(grid, cfg, progress=lambda _: None)
 
     whole = sampled(tmp_path / "whole")
     run4(whole, seed=0)

@@ -18,24 +18,24 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from adc_flwr.compression import build_compressor
 from adc_flwr.config import RunConfig
 from adc_flwr.data import load_data
-from adc_flwr.model import split_vit
-from adc_flwr.results import RunDir
-from adc_flwr.training import InputSpec, build_model
+from adc_flwr.model.inputs import InputSpec
+from adc_flwr.model.vit import build_model, split_vit
+from adc_flwr.run.run_dir import RunDir
 from clients import client_app as client_module
 from clients.client_app import load_tensors
-from clients.setup import ClientSetup, client_setup
-from helpers import tiny_config, train_in_process
-from strategies import experiment
-from strategies.experiment import build_strategy, run_experiment
-from strategies.inprocess_grid import InProcessGrid, set_task_identity
+from clients.node_cache import ClientSetup, client_setup
+from simulations.inprocess_grid import InProcessGrid, set_task_identity
+from strategies import lifecycle as experiment
+from strategies.lifecycle import build_strategy, run_training
+from strategies.messaging import Messenger
 from strategies.outcomes import RoundFailed
-from strategies.transport import Transport
+from tests.support.helpers import tiny_config, train_in_process
 
 
 def run(cfg: RunConfig, nodes: int, **grid_kwargs: object) -> tuple[dict, InProcessGrid]:
     grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), **grid_kwargs)
     lines: list[str] = []
-    summary = run_experiment(grid, cfg, progress=lines.append)
+    summary = run_training(grid, cfg, progress=lines.append)
     return summary, grid
 
 
@@ -237,13 +237,13 @@ def test_first_exchange_gets_start_timeout(tmp_path: Path, monkeypatch: pytest.M
     than a step: the start of the first round waits start-timeout, later steps step-timeout."""
     cfg = tiny_config(tmp_path, step_timeout=0.5, start_timeout=30.0, num_server_rounds=2)
     waited: list[tuple[str, float]] = []
-    real = Transport.exchange
+    real = Messenger.exchange
 
     def exchange(self, messages, timeout):
         waited.append((messages[0].metadata.message_type, timeout))
         return real(self, messages, timeout)
 
-    monkeypatch.setattr(Transport, "exchange", exchange)
+    monkeypatch.setattr(Messenger, "exchange", exchange)
     summary, _ = run(cfg, nodes=2)
     assert summary["status"] == "completed"
     assert waited[0] == ("query.info", 30.0)
@@ -326,7 +326,7 @@ def test_crash_then_resume_equals_uninterrupted_run(
 
     lines: list[str] = []
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
-    summary = run_experiment(grid, cfg, progress=lines.append)
+    summary = run_training(grid, cfg, progress=lines.append)
     assert any("resuming" in line for line in lines)
     assert summary["status"] == "completed" and summary["rounds"] == 3
     metrics = RunDir(cfg.run_dir).read_metrics()
@@ -338,7 +338,7 @@ def test_crash_then_resume_equals_uninterrupted_run(
         assert torch.equal(state["back"][name], value), name  # bit for bit
 
     # a finished run is not redone
-    again = run_experiment(grid, cfg, progress=lines.append)
+    again = run_training(grid, cfg, progress=lines.append)
     assert again["rounds"] == 3 and "already finished" in lines[-1]
 
 

@@ -13,7 +13,7 @@ from flwr_datasets.metrics import compute_counts
 
 from adc_flwr.config import RunConfig
 from adc_flwr.data import label_counts, load_data, run_partitions
-from adc_flwr.results import RunDir
+from adc_flwr.run.run_dir import RunDir
 from simulations import collect as collect_module
 from simulations.collect import collect
 from simulations.studies import (

@@ -15,8 +15,7 @@ from flwr.common.config import parse_config_args
 
 from adc_flwr.compression import available_methods
 from adc_flwr.config import RunConfig
-from adc_flwr.results import RunDir
-from hub_standins import processor_kwargs, save_parquet_images, save_tiny_vit
+from adc_flwr.run.run_dir import RunDir
 from simulations import sweep
 from simulations.collect import (
     RESULT_COLUMNS,
@@ -35,6 +34,7 @@ from simulations.sweep import (
     select,
     validate_points,
 )
+from tests.support.hub_standins import processor_kwargs, save_parquet_images, save_tiny_vit
 
 BASE = """
 [base]

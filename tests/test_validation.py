@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from adc_flwr import model
 from adc_flwr.config import ConfigError
-from adc_flwr.validation import validate_run
-from strategies.preflight import check
+from adc_flwr.model import vit as model
+from adc_flwr.run.validation import validate_run
+from simulations.preflight import check
 
 DIGITS = {"dataset": "digits", "batch-size": 16}
 

@@ -12,7 +12,7 @@ The server gets ``(T, k, d)`` and soft labels (per-cluster class counts). Its gr
 back at ``(T, k, d)`` and autograd through gather/index_add spreads it exactly: each member's
 kept tokens receive ``grad / |cluster|``, dropped tokens nothing. No Python loop over
 clusters. Unlike the public code, ranking always uses attention whatever the pooling, and no
-cluster is ever empty (see :mod:`adc_flwr.kmeans`).
+cluster is ever empty (see :mod:`adc_flwr.compression.kmeans`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.kmeans import check_kmeans_settings, kmeans
 from adc_flwr.compression.registry import register
-from adc_flwr.kmeans import check_kmeans_settings, kmeans
 
 if TYPE_CHECKING:
     from adc_flwr.config import RunConfig

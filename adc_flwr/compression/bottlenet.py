@@ -26,7 +26,7 @@ from torch import nn
 
 from adc_flwr.compression.base import Compressor, Packet
 from adc_flwr.compression.registry import register
-from adc_flwr.model import PRESETS
+from adc_flwr.model.vit import PRESETS
 
 if TYPE_CHECKING:
     from adc_flwr.config import RunConfig
@@ -104,7 +104,7 @@ class BottleNetCompressor(Compressor):
         """Read ``compression``, ``bottlenet-width``, ``bottlenet-layers`` and ``seed``.
 
         ``hidden_size`` is the front's d. Until the registry passes it, a preset model's d is
-        taken from ``adc_flwr.model.PRESETS``; any other model needs it passed explicitly.
+        taken from ``adc_flwr.model.vit.PRESETS``; any other model needs it passed explicitly.
         """
         if hidden_size is None:
             if cfg.model not in PRESETS:

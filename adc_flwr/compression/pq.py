@@ -46,10 +46,10 @@ import numpy as np
 import torch
 
 from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.kmeans import check_kmeans_settings, kmeans
 from adc_flwr.compression.registry import register
 from adc_flwr.config import WIRE_DTYPES
-from adc_flwr.kmeans import check_kmeans_settings, kmeans
-from adc_flwr.npy_sizes import npy_header_nbytes, uncompressed_act_nbytes
+from adc_flwr.wire.sizes import npy_header_nbytes, uncompressed_act_nbytes
 
 if TYPE_CHECKING:
     from adc_flwr.config import RunConfig

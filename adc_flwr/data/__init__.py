@@ -8,7 +8,7 @@ Sources (the ``dataset`` run-config key), in :mod:`~adc_flwr.data.sources`:
 - ``digits``: scikit-learn's 8×8 digits (ships with scikit-learn), split 80/20, stratified,
   with a fixed seed so the test set never moves with the run seed.
 - ``hf:<hub id>``, ``parquet:<dir or file>``, ``imagefolder:<dir>``: one code path through
-  ``datasets.load_dataset`` (:mod:`~adc_flwr.data.hub`). Loading reads labels and image
+  ``datasets.load_dataset`` (:mod:`~adc_flwr.data.hf_datasets`). Loading reads labels and image
   headers only; images are decoded when first indexed (:mod:`~adc_flwr.data.images`), so a
   client decodes its partition's rows, not both splits.
 

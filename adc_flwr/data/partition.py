@@ -231,7 +231,7 @@ def write_partition_counts(
     per partition, a column per class id, ``total``) atomically, so studies of non-IID data
     read the partitions a run trained on rather than rebuilding them."""
     from adc_flwr.data.sources import load_data
-    from adc_flwr.results import atomic_write_text
+    from adc_flwr.run.files import atomic_write_text
 
     data = load_data(cfg.dataset, cfg.data_dir)
     counts = label_counts(

@@ -1,7 +1,7 @@
 """Where a dataset comes from: the ``dataset`` run-config key, resolved once per process.
 
 ``fashion-mnist`` and ``digits`` are small numpy arrays read whole (< 1 s); hub, parquet and
-imagefolder sources go through :mod:`adc_flwr.data.hub` and decode their images lazily.
+imagefolder sources go through :mod:`adc_flwr.data.hf_datasets` and decode their images lazily.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adc_flwr.data.hub import load_hf_style
+from adc_flwr.data.hf_datasets import load_hf_style
 from adc_flwr.data.splits import DataBundle, DataError, ImageSplit, carve_test, make_bundle
 from adc_flwr.data.stats import channel_stats, sample_stats
 

@@ -1,0 +1,108 @@
+"""Whole-file writes that a crash cannot tear, and reads that name a damaged file.
+
+Every whole-file write goes to a temporary file in the same directory, is fsynced, then
+``os.replace``d over the target: a crash or a serialisation error leaves the old file intact.
+A file that cannot be read back raises :class:`RunDirError` naming the file and what to do;
+nothing is deleted or rewritten to get past it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+class RunDirError(RuntimeError):
+    """A run directory's file is damaged or does not fit the run; says which and what to do."""
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write`` into a temp file beside ``path``, fsync, then replace ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (not possible on every platform)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) so that readers see the old or the new file."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy / torch scalars and arrays become plain numbers and lists; anything else fails."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Serialise fully first (NaN/inf as null), then replace ``path`` atomically."""
+    plain = json.loads(json.dumps(obj, default=_json_default))  # numpy/torch -> Python
+    text = json.dumps(_finite_or_none(plain), indent=2, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
+    """``torch.save`` into a temp file, then replace ``path``; a failed save changes nothing."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunDirError(
+            f"{path} is damaged (not valid JSON: {exc}). Restore it, or move the run "
+            "directory away (or pick another run-name) to start over"
+        ) from exc
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} does not hold a JSON object; restore it or move it away")
+    return value

@@ -1,0 +1,235 @@
+"""The run directory (DESIGN.md section 5): what a run leaves behind, crash-safe and resumable.
+
+``<out-dir>/<run-name>/`` holds:
+
+- ``config.json``: the resolved, validated run config (atomic write).
+- ``metrics.csv``: append-only, one row per step or evaluation, with the fixed columns
+  :data:`METRIC_COLUMNS` (``kind`` is ``step`` or ``eval``; a value a row does not have,
+  or NaN, is a blank cell). Each row is flushed when written; :meth:`RunDir.flush` fsyncs
+  (call it at least once per round, before the checkpoint). ``sim_time_s`` is the simulated
+  clock (:mod:`adc_flwr.population.clock`); the ``fed_accuracy_*`` columns are the federated
+  evaluation over the round's clients (mean, 10th percentile, worst), on eval rows.
+- ``clients.csv``: append-only, one row per sampled client per round
+  (:data:`CLIENT_COLUMNS`), written at the round's end; resumed like ``metrics.csv``.
+- ``profiles.csv``: each partition's link and device (:mod:`adc_flwr.population.profiles`).
+- ``partitions.csv``: each partition's train samples per class (before any held-out share).
+- ``summary.json`` (atomic write), built with :func:`make_summary`. Keys, always present:
+  ``status`` (``completed``, ``failed`` or ``interrupted``), ``stop_reason`` (why a
+  completed run stopped: ``"num-server-rounds"`` or ``"budget-mb"``; null otherwise),
+  ``error`` (what failed or interrupted it; null when completed), ``rounds``,
+  ``test_accuracy``, ``test_loss``, ``bytes_up_act``, ``bytes_up_targets``,
+  ``bytes_down_grad``, ``bytes_model_sync``, ``compression_ratio``, ``wall_time_s`` (null
+  when unknown), ``sim_time_s``, plus any extra metrics the caller adds. Non-finite floats
+  are written as null, since JSON has no NaN.
+- ``checkpoint.pt``: whatever the strategy needs to resume (``torch.save``, atomic), plus
+  how many metric rows had been written when it was taken.
+
+Resume (:mod:`adc_flwr.run.resume` decides whether a directory is new, resumable or finished):
+load the checkpoint, check that :meth:`RunDir.metric_rows` up to its round equals the count
+it saved, then call :meth:`RunDir.truncate_metrics_after` with its round (0 without one), so
+rows of the unfinished round are dropped and not duplicated when it is redone.
+
+Every whole-file write goes to a temporary file in the same directory, is fsynced, then
+``os.replace``d over the target: a crash or a serialisation error leaves the old file intact.
+A file that cannot be read back (truncated by hand, a full disk) raises :class:`RunDirError`
+naming the file and what to do; nothing is deleted or rewritten to get past it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from adc_flwr.run.files import (
+    RunDirError,
+    _read_json,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+)
+from adc_flwr.run.table import RoundTable
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "kind",
+    "round",
+    "step",
+    "train_loss",
+    "test_accuracy",
+    "test_loss",
+    "bytes_up_act",
+    "bytes_up_targets",
+    "bytes_down_grad",
+    "bytes_model_sync",
+    "compression_ratio",
+    "wall_time_s",
+    "sim_time_s",
+    "fed_accuracy_mean",
+    "fed_accuracy_p10",
+    "fed_accuracy_min",
+)
+ROW_KINDS = ("step", "eval")
+# clients.csv: one row per sampled client per round (bytes of this client in this round;
+# simulated seconds; outcome: finished or why it was dropped; federated evaluation if any)
+CLIENT_COLUMNS: tuple[str, ...] = (
+    "round",
+    "partition",
+    "profile",
+    "xi",
+    "bytes_up",
+    "bytes_down",
+    "bytes_model_sync",
+    "compute_s",
+    "transfer_s",
+    "steps",
+    "late_exchanges",
+    "outcome",
+    "fed_accuracy",
+    "fed_examples",
+)
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+CLIENTS_FILE = "clients.csv"
+PROFILES_FILE = "profiles.csv"
+PARTITIONS_FILE = "partitions.csv"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _check_kind(row: Mapping[str, Any]) -> None:
+    if row.get("kind") not in ROW_KINDS:
+        raise ValueError(f"metric row kind {row.get('kind')!r} is not one of {ROW_KINDS}")
+
+
+class RunDir:
+    """One run's directory: config, append-only metrics, summary and checkpoint."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)  # created by the first write, not by looking
+        self.metrics = RoundTable(
+            self.path / METRICS_FILE, METRIC_COLUMNS, atomic_write_text, _check_kind
+        )
+        self.clients = RoundTable(self.path / CLIENTS_FILE, CLIENT_COLUMNS, atomic_write_text)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.metrics.path
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    # ---- config -----------------------------------------------------------------
+
+    def write_config(self, cfg: Mapping[str, Any]) -> None:
+        """Write the resolved run config as ``config.json``."""
+        atomic_write_json(self.config_path, dict(cfg))
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The stored config, or None before the first write."""
+        return _read_json(self.config_path)
+
+    # ---- metrics and the per-client table ---------------------------------------
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one metrics row (``kind`` required, missing columns blank)."""
+        self.metrics.append([row])
+
+    def append_clients(self, rows: list[Mapping[str, Any]]) -> None:
+        """Append one round's rows of ``clients.csv``."""
+        self.clients.append(rows)
+
+    def flush(self) -> None:
+        """fsync both tables so that rows written so far survive a machine crash."""
+        self.metrics.flush()
+        self.clients.flush()
+
+    def close(self) -> None:
+        """fsync and close both tables (a later append reopens them)."""
+        self.metrics.close()
+        self.clients.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_metrics(self) -> pd.DataFrame:
+        """All metric rows so far (an empty frame with the columns before the first row)."""
+        return self.metrics.read()
+
+    def read_clients(self) -> pd.DataFrame:
+        """All ``clients.csv`` rows so far."""
+        return self.clients.read()
+
+    def truncate_metrics_after(self, server_round: int) -> int:
+        """Drop rows of rounds after ``server_round`` from both tables, and torn last lines
+        (a crash mid-row); kept rows stay byte for byte. Returns the metrics lines dropped."""
+        self.clients.truncate_after(server_round)
+        return self.metrics.truncate_after(server_round)
+
+    def step_rows(self) -> int:
+        """Complete ``kind=step`` rows in metrics.csv: training steps recorded so far."""
+        return self.metrics.count(prefix=b"step,")
+
+    def metric_rows(self, up_to_round: int | None = None) -> int:
+        """Complete data rows in metrics.csv (a torn last line does not count), of rounds up
+        to ``up_to_round`` when given."""
+        return self.metrics.count(up_to_round)
+
+    # ---- summary ----------------------------------------------------------------
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` atomically (build it with :func:`make_summary`)."""
+        atomic_write_json(self.summary_path, dict(summary))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """The stored summary, or None if the run never finished or failed."""
+        return _read_json(self.summary_path)
+
+    # ---- checkpoint -------------------------------------------------------------
+
+    def save_checkpoint(self, obj: dict[str, Any]) -> None:
+        """Write ``checkpoint.pt`` atomically (after :meth:`flush`, so metrics lead it), with
+        the number of metric rows written so far (``metrics_rows``) for the resume check."""
+        self.flush()
+        atomic_torch_save(self.checkpoint_path, {**obj, "metrics_rows": self.metric_rows()})
+
+    def load_checkpoint(self) -> Any | None:
+        """The stored checkpoint, or None.
+
+        Loaded with ``weights_only=True`` when it holds only tensors and plain containers;
+        otherwise (e.g. numpy RNG state) it falls back to full unpickling, which is safe here
+        because this run wrote the file itself.
+        """
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            # on the CPU: a GPU run resumes anywhere; load_state_dict moves weights back
+            cpu = torch.device("cpu")
+            try:
+                return torch.load(self.checkpoint_path, map_location=cpu, weights_only=True)
+            except pickle.UnpicklingError:
+                return torch.load(self.checkpoint_path, map_location=cpu, weights_only=False)
+        except Exception as exc:
+            raise RunDirError(
+                f"{self.checkpoint_path} cannot be read ({type(exc).__name__}: {exc}). Restore "
+                "it, or move the run directory away (or pick another run-name) to start over"
+            ) from exc

@@ -1,0 +1,95 @@
+"""Every check a run config must pass before anything expensive starts, in one function.
+
+``scripts/flwr_run.sh`` (through ``simulations.preflight``), the sweep runner, the in-process
+API and the ServerApp all call :func:`validate_run`, so a bad value fails the same way
+everywhere: one :class:`~adc_flwr.config.ConfigError` naming the key and what it accepts,
+in seconds, before Flower or Ray start. Beyond types and ranges (``RunConfig``) it checks
+what needs the machine, the data or the model: that ``device`` exists here and runs
+``precision``, that the method exists and accepts its parameters for this model, that
+``split-index`` fits the model's depth, that the dataset (or ``data-dir``) is there, and that
+the partitioner can split it over ``num_partitions`` clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from adc_flwr.config import ConfigError, RunConfig
+
+
+def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = None) -> RunConfig:
+    """The validated :class:`RunConfig` of ``run_config`` (kebab-case keys, absent = default).
+
+    ``num_partitions``: the number of clients (SuperNodes) when known, to check that
+    partitioning and sampling are feasible. Loads the dataset (cached per process) and
+    builds the model once, which costs about a second for the presets.
+    """
+    from adc_flwr.compression import available_methods, build_compressor, get_compressor_class
+    from adc_flwr.data import DataError, load_data, run_partitions
+    from adc_flwr.model.inputs import InputSpec
+    from adc_flwr.model.vit import ModelError, build_model, split_vit
+    from adc_flwr.population.profiles import ProfileError, assign_profiles
+    from adc_flwr.training.device import check_precision, resolve_device
+
+    cfg = RunConfig.from_run_config(run_config)
+    # a GPU asked for must be there, and run bf16 if asked (ConfigError otherwise)
+    check_precision(resolve_device(cfg.device), cfg.precision)
+    if cfg.method not in available_methods():
+        raise ConfigError(
+            f"run-config key 'method' = {cfg.method!r}: allowed values are "
+            f"{', '.join(available_methods())}"
+        )
+    if num_partitions is not None:
+        sampled = cfg.clients_per_round(num_partitions)
+        if sampled < cfg.min_clients:
+            raise ConfigError(
+                f"run-config key 'min-clients' = {cfg.min_clients}: fraction-train="
+                f"{cfg.fraction_train:g} of {num_partitions} partitions samples {sampled} "
+                "client(s) a round, so min-clients must be at most that"
+            )
+        if cfg.min_nodes > num_partitions:
+            raise ConfigError(
+                f"run-config key 'min-nodes' = {cfg.min_nodes}: only {num_partitions} "
+                "SuperNode(s) will run; allowed range is [1, num-supernodes]"
+            )
+    if cfg.adaptive_compression:
+        _check_adaptive(cfg, get_compressor_class(cfg.method))
+    try:
+        assign_profiles(cfg.profile_mix, 1, cfg.seed, cfg.profile_trace or None)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        data = load_data(cfg.dataset, cfg.data_dir)
+        vit = build_model(cfg, data)
+        InputSpec.for_model(vit, data, cfg.model)  # a checkpoint's image processor
+        front, _ = split_vit(vit, cfg.split_index)
+        build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)
+        if cfg.adaptive_compression:  # the smallest ξ a client may get must build too
+            smallest = cfg.replace(compression=cfg.compression_min)
+            build_compressor(smallest, data.num_classes, hidden_size=front.hidden_size)
+        if num_partitions is not None:
+            run_partitions(cfg, num_partitions)
+    except (DataError, ModelError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from exc
+    return cfg
+
+
+def _check_adaptive(cfg: RunConfig, method: type) -> None:
+    """Adaptive ξ needs a method whose parameter ``compression`` sets, and no override."""
+    overrides = method.adaptive_overrides
+    if overrides is None:
+        raise ConfigError(
+            f"run-config key 'adaptive-compression' = true: method {cfg.method!r} takes no "
+            "parameter from 'compression' that a client could choose for itself (learned "
+            "parts are sized by it, its group size must divide the batch, or it has none); use "
+            "adc, topk, random-topk, quant or pq"
+        )
+    given = [key for key in overrides if getattr(cfg, key.replace("-", "_"))]
+    if given:
+        raise ConfigError(
+            f"run-config key 'adaptive-compression' = true: {', '.join(map(repr, given))} "
+            f"would fix {cfg.method}'s parameter for every client; leave it at 0"
+        )

@@ -1,0 +1,208 @@
+"""One run of split learning: config -> data, model, strategy -> run directory.
+
+The ServerApp calls :func:`run_training` with Flower's grid; tests and in-process sweeps call
+it with :class:`simulations.inprocess_grid.InProcessGrid`. It writes ``config.json``,
+``metrics.csv`` and ``summary.json``, checkpoints each round and resumes from the checkpoint
+when the same run directory is used again; a finished run is not redone.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from adc_flwr.compression import build_compressor
+from adc_flwr.config import RunConfig
+from adc_flwr.data import ImageSplit, load_data
+from adc_flwr.model.inputs import InputSpec
+from adc_flwr.model.vit import build_model, split_vit
+from adc_flwr.run.resume import FINISHED, NEW, RESUME, resumable_checkpoint, run_state
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.run.summary import run_summary
+from adc_flwr.run.validation import validate_run
+from adc_flwr.training.device import resolve_device
+from adc_flwr.training.modules import (
+    client_modules,
+    load_modules_state,
+    make_optimizer,
+    modules_state,
+    server_parameters,
+)
+from adc_flwr.training.workers import ServerWorker
+from adc_flwr.wire.accounting import Traffic, TrafficLedger
+from adc_flwr.wire.channel import build_channel
+from adc_flwr.wire.codec import state_to_record
+from strategies.split_strategy import SplitLearningStrategy
+
+
+def build_strategy(
+    cfg: RunConfig,
+    *,
+    run_dir: RunDir | None,
+    progress: Callable[[str], None] = print,
+) -> tuple[SplitLearningStrategy, ArrayRecord]:
+    """The strategy (owning the back) and the initial global client-side weights.
+
+    The back, the global client-side modules (for central evaluation) and the compressor's
+    learned parts live on ``device``; the weights are built on the CPU first, so a seed gives
+    the same initial model on every device.
+    """
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.dataset, cfg.data_dir)
+    vit = build_model(cfg, data).to(device)
+    front, back = split_vit(vit, cfg.split_index)
+    compressor = build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)
+    compressor.to(device)
+    server = ServerWorker(
+        back,
+        compressor,
+        make_optimizer(server_parameters(back, compressor), cfg),
+        channel=build_channel(cfg),
+        precision=cfg.precision,
+    )
+    modules = client_modules(front, compressor)
+    strategy = SplitLearningStrategy(
+        cfg,
+        server,
+        modules,
+        evaluation_split(data.test, cfg.eval_samples, cfg.seed),
+        InputSpec.for_model(vit, data, cfg.model),
+        run_dir=run_dir,
+        progress=progress,
+    )
+    return strategy, state_to_record(modules_state(modules))
+
+
+def evaluation_split(test: ImageSplit, samples: int, seed: int) -> ImageSplit:
+    """The central test split, or a seeded random subset of ``eval-samples`` of it."""
+    if samples <= 0 or samples >= len(test.labels):
+        return test
+    idx = np.sort(np.random.default_rng(seed).choice(len(test.labels), samples, replace=False))
+    return ImageSplit(test.images[idx], test.labels[idx])
+
+
+def checkpoint_state(strategy: SplitLearningStrategy, server_round: int) -> dict[str, Any]:
+    """Everything the server needs to continue after ``server_round`` as if never stopped.
+
+    Client optimizer moments live in the clients' ``context.state`` and restart on resume.
+    """
+    decoder = strategy.server.compressor.server_module()
+    channel = strategy.server.channel
+    return {
+        "round": server_round,
+        "global_step": strategy.global_step,
+        "back": strategy.server.back.state_dict(),
+        "decoder": decoder.state_dict() if decoder is not None else {},
+        "server_optimizer": strategy.server.optimizer.state_dict(),
+        "client_modules": modules_state(strategy.client_modules),
+        "ledger": strategy.ledger.state(),
+        "batches_done": dict(strategy.batches_done),
+        "history": list(strategy.history),
+        "sampler_state": list(strategy.sampler.state()),
+        "torch_rng": torch.get_rng_state(),
+        "channel_rng": None if channel is None else channel.state(),  # noise stream position
+        "wall_time_s": strategy.elapsed(),
+        "sim_time_s": strategy.clients.clock.now,
+        "stop_reason": strategy.stop_reason,
+    }
+
+
+def restore(strategy: SplitLearningStrategy, state: dict[str, Any]) -> None:
+    """Inverse of :func:`checkpoint_state`."""
+    strategy.server.back.load_state_dict(state["back"])
+    if (decoder := strategy.server.compressor.server_module()) is not None:
+        decoder.load_state_dict(state["decoder"])
+    strategy.server.optimizer.load_state_dict(state["server_optimizer"])
+    load_modules_state(strategy.client_modules, state["client_modules"])
+    strategy.ledger = TrafficLedger.from_state(state["ledger"])
+    strategy.batches_done = {int(k): int(v) for k, v in state["batches_done"].items()}
+    strategy.history = list(state["history"])
+    strategy.sampler.set_state(state["sampler_state"])
+    torch.set_rng_state(state["torch_rng"])
+    if strategy.server.channel is not None and state.get("channel_rng") is not None:
+        strategy.server.channel.load_state(state["channel_rng"])
+    strategy.start_round = int(state["round"]) + 1
+    strategy.global_step = int(state["global_step"])
+    strategy.wall_offset = float(state["wall_time_s"])
+    strategy.clients.clock.now = float(state["sim_time_s"])
+    strategy.stop_reason = str(state["stop_reason"])
+
+
+def run_training(
+    grid: Grid, cfg: RunConfig, *, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run (or resume) ``cfg`` on ``grid``; returns the summary written to ``summary.json``.
+
+    A directory holding another run is refused (:func:`run_state`), a damaged one too
+    (:func:`resumable_checkpoint`), both before anything is written; a finished run is not
+    redone; then the config is validated (:func:`validate_run`). A failure, at start-up or
+    later, writes a ``failed`` summary, Ctrl-C an ``interrupted`` one (both resumable), then
+    re-raises.
+    """
+    run_dir = RunDir(cfg.run_dir)
+    state = run_state(run_dir, cfg.to_run_config())
+    if state == FINISHED:
+        progress(f"{run_dir.path} already finished; move it away or pick another run-name")
+        return run_dir.read_summary() or {}
+    checkpoint = resumable_checkpoint(run_dir) if state == RESUME else None
+    if state == NEW:
+        run_dir.summary_path.unlink(missing_ok=True)  # a start-up failure's, if any
+    run_dir.write_config(cfg.to_run_config())
+    strategy = None
+    started = time.perf_counter()
+    try:
+        validate_run(cfg.to_run_config())  # a start-up failure leaves a failed summary
+        strategy, _ = build_strategy(cfg, run_dir=run_dir, progress=progress)
+        dropped = run_dir.truncate_metrics_after(int(checkpoint["round"]) if checkpoint else 0)
+        if checkpoint is not None:
+            restore(strategy, checkpoint)
+            progress(f"resuming {run_dir.path} after round {checkpoint['round']}")
+        if dropped:
+            progress(f"dropped {dropped} metric row(s) of the unfinished round (redone now)")
+        arrays = state_to_record(modules_state(strategy.client_modules))
+        strategy.after_round = lambda rnd, _arrays: run_dir.save_checkpoint(
+            checkpoint_state(strategy, rnd)
+        )
+        progress(
+            f"run {cfg.resolved_run_name}: {cfg.method} (compression {cfg.compression:g}), "
+            f"{cfg.sl_mode}, model {cfg.model} split at {cfg.split_index}, dataset "
+            f"{cfg.dataset} ({cfg.partitioner}), results in {run_dir.path}"
+        )
+        strategy.start(grid, arrays, num_rounds=cfg.num_server_rounds, timeout=cfg.step_timeout)
+    except (Exception, KeyboardInterrupt) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        status = "interrupted" if interrupted else "failed"
+        error = "interrupted (KeyboardInterrupt)" if interrupted else f"{type(exc).__name__}: {exc}"
+        if strategy is None:
+            summary = run_summary(status, [], Traffic(), None, error=error)
+        else:
+            summary = _summary(strategy, status, error=error)
+        run_dir.write_summary(summary)
+        run_dir.close()
+        progress(f"run {status}: {error}")
+        if not interrupted:
+            traceback.print_exc()
+        raise
+    summary = _summary(strategy, "completed", stop_reason=strategy.stop_reason)
+    run_dir.write_summary(summary)
+    run_dir.close()
+    progress(
+        f"done in {time.perf_counter() - started:.1f} s ({strategy.stop_reason}): "
+        f"accuracy {summary['test_accuracy']:.4f}, summary in {run_dir.summary_path}"
+    )
+    return summary
+
+
+def _summary(strategy: SplitLearningStrategy, status: str, **extra: Any) -> dict[str, Any]:
+    extra.setdefault("sim_time_s", strategy.clients.clock.now)
+    return run_summary(
+        status, strategy.history, strategy.ledger.total(), strategy.elapsed(), **extra
+    )
