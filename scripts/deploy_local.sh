@@ -7,20 +7,16 @@
 #   OUT_DIR (default ./results) and RUN_NAME (default run-<timestamp>) come from the
 #   environment; `out-dir` / `run-name` in RUN_CONFIG win over them.
 #
-# simulations/deploy.py does the work: it validates the config before anything starts,
-# generates a throw-away CA, a server certificate for 127.0.0.1 and a key pair per SuperNode
-# (registered with `flwr supernode register`) in a private directory, judges the run by the
-# summary.json this invocation wrote, and on exit or Ctrl-C / SIGTERM ends every process it
-# started, by PID, and removes the directory. Exit status: 0 completed, 1 failed, no verdict
+# simulations/deploy.py does the work, under simulations/supervise.py: it validates the
+# config before anything starts, generates a throw-away CA, a server certificate for
+# 127.0.0.1 and a key pair per SuperNode (registered with `flwr supernode register`) in a
+# private directory, judges the run by the summary.json this invocation wrote, and on exit or
+# Ctrl-C / SIGTERM ends every process it started, by PID, and removes the directory. Exit status: 0 completed, 1 failed, no verdict
 # or the deployment did not start, 2 invalid N or config, 130 interrupted (rerun the same
 # command to resume). Needs scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-# the ServerApp and the ClientApps share the cores: spinning OpenMP threads would steal time
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
 
 exec python -m simulations.deploy "$@"

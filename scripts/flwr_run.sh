@@ -5,19 +5,14 @@
 #   OUT_DIR (default ./results) and RUN_NAME (default run-<timestamp>) come from the
 #   environment; `out-dir` / `run-name` in RUN_CONFIG win over them.
 #
-# simulations/launcher.py does the work: it validates the config before anything starts,
-# gives the run its own Flower home, Ray temp dir and free ports, judges the run by the
-# summary.json this invocation wrote, and on exit or Ctrl-C / SIGTERM ends every process the
-# run started, by PID. Exit status: 0 completed, 1 failed or no verdict, 2 invalid config or
-# run directory, 130 interrupted (rerun the same command to resume). Needs scripts/setup.sh.
+# simulations/launcher.py does the work, under simulations/supervise.py: it validates the
+# config before anything starts, gives the run its own Flower home, Ray temp dir and free
+# ports, judges the run by the summary.json this invocation wrote, and on exit or Ctrl-C /
+# SIGTERM ends every process the run started, by PID. Exit status: 0 completed, 1 failed or
+# no verdict, 2 invalid config or run directory, 130 interrupted (rerun the same command to
+# resume). Needs scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
-# the ServerApp (2 threads) shares 2 cores with the client actors: spinning OpenMP threads
-# would steal their time
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
 
 exec python -m simulations.launcher "$@"

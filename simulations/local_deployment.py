@@ -23,28 +23,22 @@ register.py``):
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from simulations.certs import NodeKey, Tls, make_tls
+from simulations.supervise import StartFailed, flower_env
 
 HOST = "127.0.0.1"
 CONNECTION = "adc-deploy"  # the SuperLink connection's name in the CLI's config.toml
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
 CLI_TIMEOUT_S = 120.0
 TAIL_LINES = 12
 
 
-class DeploymentError(Exception):
+class DeploymentError(StartFailed):
     """A SuperLink or SuperNode did not start or was refused; the message says which, why,
     and ends with its log's last lines."""
 
@@ -68,9 +62,7 @@ class LocalDeployment:
         self.tls: Tls = make_tls(home / "tls")
         self.port = 0
         self.procs: dict[str, subprocess.Popen] = {}
-        bindir = str(Path(sys.executable).parent)  # flower-superexec is found on PATH
-        base = dict(os.environ if env is None else env)
-        self.env = base | FLOWER_ENV | {"PATH": f"{bindir}{os.pathsep}{base.get('PATH', '')}"}
+        self.env = flower_env(env)  # this interpreter's flower-superexec first on PATH
         self.cli_env = self.env | {"FLWR_HOME": str(home / "cli")}
 
     @property

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from simulations.collect import collect
-from simulations.sweep import load_experiment, run_sweep
+from simulations.experiments import load_experiment
+from simulations.sweep import run_sweep
 
 STUDIES_TINY = Path(__file__).resolve().parent / "data" / "studies_tiny.toml"
 

@@ -1,7 +1,7 @@
-"""The launchers' clean-up (``simulations.launcher``, ``simulations.deploy``) in this process,
-with Flower faked: wherever a stop signal lands, every process is stopped and the private
-directory removed; a run that fails before its ServerApp makes the run directory leaves
-Flower's logs where the verdict says they are."""
+"""The one supervisor's clean-up (``simulations.supervise``, under ``simulations.launcher``
+and ``simulations.deploy``) in this process, with Flower faked: wherever a stop signal lands,
+every process is stopped and the private directory removed; a run that fails before its
+ServerApp makes the run directory leaves Flower's logs where the verdict says they are."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from simulations import deploy, launcher, preflight
+from simulations import deploy, launcher, supervise
 from simulations.local_deployment import DeploymentError
-from simulations.preflight import EXIT_FAILED, EXIT_INTERRUPTED
 from simulations.reaper import STOP_SIGNALS
+from simulations.supervise import EXIT_FAILED, EXIT_INTERRUPTED
 
 
 class FakeDeployment:
@@ -84,16 +84,15 @@ def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Record]:
     def stop_descendants() -> None:
         record.stopped += 1
 
-    for module in (deploy, launcher):
-        monkeypatch.setattr(module, "check_apart", lambda *_: "new")
-        monkeypatch.setattr(module, "become_subreaper", lambda: True)
-        monkeypatch.setattr(module, "stop_descendants", stop_descendants)
+    monkeypatch.setattr(supervise, "check_apart", lambda *_: "new")
+    monkeypatch.setattr(supervise, "become_subreaper", lambda: True)
+    monkeypatch.setattr(supervise, "stop_descendants", stop_descendants)
     monkeypatch.setattr(tempfile, "mkdtemp", private_dir)
     monkeypatch.setattr(subprocess, "Popen", FlwrRunFailsEarly)
     monkeypatch.setattr(deploy, "LocalDeployment", FakeDeployment)
     monkeypatch.setattr(deploy, "start_deployment", start_deployment)
     # no run starts here, so there is no checkpoint to write an interrupted summary from
-    monkeypatch.setattr(preflight, "mark_interrupted", lambda *_: None)
+    monkeypatch.setattr(supervise, "mark_interrupted", lambda *_: None)
     monkeypatch.setenv("OUT_DIR", str(tmp_path / "out"))
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     yield record
@@ -172,19 +171,16 @@ def interrupt_at(code: CodeType, opcode: int | None) -> Callable[[], int]:
 
 
 @pytest.mark.parametrize(
-    ("main", "code", "args"),
-    [
-        (deploy.main, deploy.deploy.__code__, ["2"]),
-        (launcher.main, launcher.launch.__code__, [""]),
-    ],
-    ids=["deploy", "launcher"],
+    ("main", "args"), [(deploy.main, ["2"]), (launcher.main, [""])], ids=["deploy", "launcher"]
 )
 def test_a_stop_signal_anywhere_still_stops_everything(
-    faked: Record, monkeypatch: pytest.MonkeyPatch, main: Any, code: CodeType, args: list[str]
+    faked: Record, monkeypatch: pytest.MonkeyPatch, main: Any, args: list[str]
 ) -> None:
-    """SIGINT before each instruction of the launcher in turn, the end of the run and the
-    start of its clean-up included: every time, whatever was started is stopped, the
-    private directory is removed, no exception escapes and the signal mask is put back."""
+    """SIGINT before each instruction of the supervisor in turn, under either job, the end of
+    the run and the start of its clean-up included: every time, whatever was started is
+    stopped, the private directory is removed, no exception escapes and the signal mask is
+    put back."""
+    code = supervise.supervise.__code__
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     tracer = sys.gettrace()
     outcomes = []

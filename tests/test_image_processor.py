@@ -31,7 +31,8 @@ from adc_flwr.model.preprocessing import (
 from adc_flwr.model.vit import ModelError, build_vit
 from adc_flwr.run.validation import validate_run
 from clients.node_cache import client_setup, model_skeleton
-from simulations.sweep import load_experiment, run_sweep
+from simulations.experiments import load_experiment
+from simulations.sweep import run_sweep
 from tests.support.helpers import run_server_app, tiny_config, train_in_process
 from tests.support.hub_standins import (
     PROCESSOR_MEAN,

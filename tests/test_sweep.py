@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,15 +26,15 @@ from simulations.collect import (
     markdown_pivot,
     over_seeds,
 )
-from simulations.sweep import (
+from simulations.experiments import (
     EXPERIMENTS_DIR,
     ExperimentError,
     load_experiment,
-    main,
     point_name,
     select,
     validate_points,
 )
+from simulations.sweep import main
 from tests.support.hub_standins import processor_kwargs, save_parquet_images, save_tiny_vit
 
 BASE = """
@@ -432,7 +433,7 @@ def test_flwr_runner_passes_the_whole_config(
     calls = []
 
     class FakePopen:
-        """Stands in for flwr_run.sh: records the call, writes a summary, prints a line."""
+        """Stands in for the launcher: records the call, writes a summary, prints a line."""
 
         def __init__(self, argv: list[str], **kwargs: object) -> None:
             calls.append((argv, kwargs))
@@ -448,8 +449,9 @@ def test_flwr_runner_passes_the_whole_config(
     lines: list[str] = []
     assert sweep.run_point_flwr(cfg, 3, lines.append) == {"status": "completed"}
     ((argv, kwargs),) = calls
-    assert argv[1].endswith("scripts/flwr_run.sh") and argv[3].startswith("num-supernodes=3 ")
-    parsed = parse_config_args([argv[2]])
+    assert argv[:3] == [sys.executable, "-m", "simulations.launcher"]
+    assert argv[4].startswith("num-supernodes=3 ")
+    parsed = parse_config_args([argv[3]])
     assert RunConfig.from_run_config(parsed | {"out-dir": str(tmp_path), "run-name": "p"}) == cfg
     env = kwargs["env"]
     assert env["OUT_DIR"] == str(tmp_path) and env["RUN_NAME"] == "p"

@@ -21,8 +21,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
-from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.base import Compressor, Packet, Plan
 from adc_flwr.compression.kmeans import check_kmeans_settings, kmeans
 from adc_flwr.compression.registry import register
 
@@ -109,13 +110,7 @@ class ADCCompressor(Compressor):
     # ---- client ---------------------------------------------------------------------
 
     def _encode(
-        self,
-        h: torch.Tensor,
-        labels: torch.Tensor,
-        cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None,
-        *,
-        seed: int,
+        self, h: Tensor, labels: Tensor, cls_attn: Tensor, plan: Plan | None, *, seed: int
     ) -> Packet:
         """Compress ``h`` (B, n, d) to ``act`` (T, k, d); targets are (T, C) class counts.
 

@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from adc_flwr.config import RunConfig
+
+
+Plan = dict[str, Tensor]
+"""What a client keeps to replay an encoding exactly: cluster ids, token indices, masks."""
 
 
 @dataclass
@@ -133,13 +137,7 @@ class Compressor(ABC):
 
     @abstractmethod
     def _encode(
-        self,
-        h: torch.Tensor,
-        labels: torch.Tensor,
-        cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None,
-        *,
-        seed: int,
+        self, h: Tensor, labels: Tensor, cls_attn: Tensor, plan: Plan | None, *, seed: int
     ) -> Packet:
         """The method's encoding of a checked batch, as :meth:`encode` documents.
 

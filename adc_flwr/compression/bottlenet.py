@@ -22,9 +22,9 @@ import itertools
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.base import Compressor, Packet, Plan
 from adc_flwr.compression.registry import register
 from adc_flwr.model.vit import PRESETS
 
@@ -147,13 +147,7 @@ class BottleNetCompressor(Compressor):
         return super()._client_part(h, module)
 
     def _encode(
-        self,
-        h: torch.Tensor,
-        labels: torch.Tensor,
-        cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None,
-        *,
-        seed: int,
+        self, h: Tensor, labels: Tensor, cls_attn: Tensor, plan: Plan | None, *, seed: int
     ) -> Packet:
         """Wrap the encoder's output ``h`` (B, n, w) with hard labels; nothing to plan.
 

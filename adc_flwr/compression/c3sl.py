@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.base import Compressor, Packet, Plan
 from adc_flwr.compression.registry import register
 
 if TYPE_CHECKING:
@@ -130,13 +131,7 @@ class C3SLCompressor(Compressor):
     # ---- client ---------------------------------------------------------------------
 
     def _encode(
-        self,
-        h: torch.Tensor,
-        labels: torch.Tensor,
-        cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None,
-        *,
-        seed: int,
+        self, h: Tensor, labels: Tensor, cls_attn: Tensor, plan: Plan | None, *, seed: int
     ) -> Packet:
         """Bind and sum groups of ``R`` samples: ``h`` (B, n, d) -> ``act`` (ceil(B/R), n, d).
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.base import Compressor, Packet, Plan
 from adc_flwr.compression.registry import register
 
 
@@ -15,13 +16,7 @@ class NoCompression(Compressor):
     name = "none"
 
     def _encode(
-        self,
-        h: torch.Tensor,
-        labels: torch.Tensor,
-        cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None,
-        *,
-        seed: int,
+        self, h: Tensor, labels: Tensor, cls_attn: Tensor, plan: Plan | None, *, seed: int
     ) -> Packet:
         """Wrap ``h`` (B, n, d) and ``labels`` (B,) in a Packet; ``cls_attn`` is unused."""
         return Packet(tensors={"act": h}, targets=labels.long(), soft_targets=False)

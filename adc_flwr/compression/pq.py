@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.base import Compressor, Packet, Plan
 from adc_flwr.compression.kmeans import check_kmeans_settings, kmeans
 from adc_flwr.compression.registry import register
 from adc_flwr.config import WIRE_DTYPES
@@ -284,13 +285,7 @@ class ProductQuantizer(Compressor):
     # ---- client ---------------------------------------------------------------------
 
     def _encode(
-        self,
-        h: torch.Tensor,
-        labels: torch.Tensor,
-        cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None,
-        *,
-        seed: int,
+        self, h: Tensor, labels: Tensor, cls_attn: Tensor, plan: Plan | None, *, seed: int
     ) -> Packet:
         """Codebooks ``(q, L, s)`` and codes ``(B, n, q)`` up; anchor ``act`` = ``h_q``.
 

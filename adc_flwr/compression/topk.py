@@ -31,8 +31,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
-from adc_flwr.compression.base import Compressor, Packet
+from adc_flwr.compression.base import Compressor, Packet, Plan
 from adc_flwr.compression.registry import register
 
 if TYPE_CHECKING:
@@ -89,13 +90,7 @@ class TopKCompressor(Compressor):
     # ---- client ---------------------------------------------------------------------
 
     def _encode(
-        self,
-        h: torch.Tensor,
-        labels: torch.Tensor,
-        cls_attn: torch.Tensor,
-        plan: dict[str, torch.Tensor] | None,
-        *,
-        seed: int,
+        self, h: Tensor, labels: Tensor, cls_attn: Tensor, plan: Plan | None, *, seed: int
     ) -> Packet:
         """Sparsify ``h`` (B, n, d) to ``values``/``idx`` (B, K); ``cls_attn`` is unused.
 
