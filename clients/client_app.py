@@ -21,15 +21,15 @@ cannot send again: the optimizer moments with ``client-optimizer = keep``, nothi
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from adc_flwr.config import RunConfig
 from adc_flwr.training.modules import optimizer_tensors
 from adc_flwr.training.workers import ClientWorker
 from adc_flwr.wire.codec import packet_to_record, record_to_grads, record_to_state, state_to_record
+from clients.context_state import load_tensors, store_tensors
 from clients.node_cache import ClientSetup, client_setup
 
 app = ClientApp()
@@ -68,7 +68,7 @@ def start(msg: Message, context: Context) -> Message:
     worker = setup.worker(record_to_state(msg.content[FRONT]), moments, xi)
     context.state[ROUND] = ConfigRecord(
         {
-            "round": int(config["round"]),
+            "server-round": int(config["server-round"]),
             "batches-done": int(config["batches-done"]),
             "compression": xi,
         }
@@ -151,7 +151,7 @@ def _forward_next(
     """
     round_state = context.state[ROUND]
     idx = setup.batch_indices(int(round_state["batches-done"]) + step)
-    seed = setup.encode_seed(int(round_state["round"]), step)
+    seed = setup.encode_seed(int(round_state["server-round"]), step)
     packet = worker.forward_packet(idx, seed)
     pending = {"idx": torch.from_numpy(idx)} | {f"plan.{k}": v for k, v in packet.plan.items()}
     context.state[PENDING] = ArrayRecord(pending)
@@ -179,37 +179,3 @@ def _clear(context: Context, *, keep_moments: bool) -> None:
     for key in list(context.state):
         if key not in kept:
             del context.state[key]
-
-
-def store_tensors(context: Context, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Keep float32 tensors in ``context.state`` as ONE flat array plus names and shapes.
-
-    ``context.state`` is serialised on every message; one array instead of hundreds (each
-    with its own .npy header to write and parse) saves the client about 20 ms a message.
-    This is local state, not traffic: nothing here is counted as bytes on the wire.
-    """
-    parts = [t.detach().reshape(-1).float() for t in tensors.values()]
-    flat = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.float32)
-    shapes = [list(t.shape) for t in tensors.values()]
-    context.state[key] = ArrayRecord({"flat": Array(flat)})
-    context.state[f"{key}.layout"] = ConfigRecord(
-        {
-            "names": list(tensors),
-            "ndims": [len(s) for s in shapes],
-            "dims": [d for s in shapes for d in s],
-        }
-    )
-
-
-def load_tensors(context: Context, key: str) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`store_tensors`."""
-    flat = torch.from_numpy(context.state[key]["flat"].numpy())
-    layout = context.state[f"{key}.layout"]
-    dims = iter(layout["dims"])
-    out, start = {}, 0
-    for name, ndim in zip(layout["names"], layout["ndims"], strict=True):
-        shape = [next(dims) for _ in range(ndim)]
-        numel = int(np.prod(shape, dtype=np.int64))
-        out[name] = flat[start : start + numel].reshape(shape)
-        start += numel
-    return out

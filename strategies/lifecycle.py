@@ -30,13 +30,12 @@ from adc_flwr.run.validation import validate_run
 from adc_flwr.training.device import resolve_device
 from adc_flwr.training.modules import (
     client_modules,
-    load_modules_state,
     make_optimizer,
     modules_state,
     server_parameters,
 )
 from adc_flwr.training.workers import ServerWorker
-from adc_flwr.wire.accounting import Traffic, TrafficLedger
+from adc_flwr.wire.accounting import Traffic
 from adc_flwr.wire.channel import build_channel
 from adc_flwr.wire.codec import state_to_record
 from strategies.split_strategy import SplitLearningStrategy
@@ -48,7 +47,8 @@ def build_strategy(
     run_dir: RunDir | None,
     progress: Callable[[str], None] = print,
 ) -> tuple[SplitLearningStrategy, ArrayRecord]:
-    """The strategy (owning the back) and the initial global client-side weights.
+    """The strategy (owning the back) and the initial global client-side weights; with a
+    run directory it writes its rows there and checkpoints there after each round.
 
     The back, the global client-side modules (for central evaluation) and the compressor's
     learned parts live on ``device``; the weights are built on the CPU first, so a seed gives
@@ -77,6 +77,7 @@ def build_strategy(
         InputSpec.for_model(vit, data, cfg.model),
         run_dir=run_dir,
         progress=progress,
+        checkpoint=None if run_dir is None else run_dir.save_checkpoint,
     )
     return strategy, state_to_record(modules_state(modules))
 
@@ -87,53 +88,6 @@ def evaluation_split(test: ImageSplit, samples: int, seed: int) -> ImageSplit:
         return test
     idx = np.sort(np.random.default_rng(seed).choice(len(test.labels), samples, replace=False))
     return ImageSplit(test.images[idx], test.labels[idx])
-
-
-def checkpoint_state(strategy: SplitLearningStrategy, server_round: int) -> dict[str, Any]:
-    """Everything the server needs to continue after ``server_round`` as if never stopped.
-
-    Client optimizer moments live in the clients' ``context.state`` and restart on resume.
-    """
-    decoder = strategy.server.compressor.server_module()
-    channel = strategy.server.channel
-    return {
-        "round": server_round,
-        "global_step": strategy.global_step,
-        "back": strategy.server.back.state_dict(),
-        "decoder": decoder.state_dict() if decoder is not None else {},
-        "server_optimizer": strategy.server.optimizer.state_dict(),
-        "client_modules": modules_state(strategy.client_modules),
-        "ledger": strategy.ledger.state(),
-        "batches_done": dict(strategy.batches_done),
-        "history": list(strategy.history),
-        "sampler_state": list(strategy.sampler.state()),
-        "torch_rng": torch.get_rng_state(),
-        "channel_rng": None if channel is None else channel.state(),  # noise stream position
-        "wall_time_s": strategy.elapsed(),
-        "sim_time_s": strategy.clients.clock.now,
-        "stop_reason": strategy.stop_reason,
-    }
-
-
-def restore(strategy: SplitLearningStrategy, state: dict[str, Any]) -> None:
-    """Inverse of :func:`checkpoint_state`."""
-    strategy.server.back.load_state_dict(state["back"])
-    if (decoder := strategy.server.compressor.server_module()) is not None:
-        decoder.load_state_dict(state["decoder"])
-    strategy.server.optimizer.load_state_dict(state["server_optimizer"])
-    load_modules_state(strategy.client_modules, state["client_modules"])
-    strategy.ledger = TrafficLedger.from_state(state["ledger"])
-    strategy.batches_done = {int(k): int(v) for k, v in state["batches_done"].items()}
-    strategy.history = list(state["history"])
-    strategy.sampler.set_state(state["sampler_state"])
-    torch.set_rng_state(state["torch_rng"])
-    if strategy.server.channel is not None and state.get("channel_rng") is not None:
-        strategy.server.channel.load_state(state["channel_rng"])
-    strategy.start_round = int(state["round"]) + 1
-    strategy.global_step = int(state["global_step"])
-    strategy.wall_offset = float(state["wall_time_s"])
-    strategy.clients.clock.now = float(state["sim_time_s"])
-    strategy.stop_reason = str(state["stop_reason"])
 
 
 def run_training(
@@ -163,14 +117,11 @@ def run_training(
         strategy, _ = build_strategy(cfg, run_dir=run_dir, progress=progress)
         dropped = run_dir.truncate_metrics_after(int(checkpoint["round"]) if checkpoint else 0)
         if checkpoint is not None:
-            restore(strategy, checkpoint)
+            strategy.load_state_dict(checkpoint)
             progress(f"resuming {run_dir.path} after round {checkpoint['round']}")
         if dropped:
             progress(f"dropped {dropped} metric row(s) of the unfinished round (redone now)")
         arrays = state_to_record(modules_state(strategy.client_modules))
-        strategy.after_round = lambda rnd, _arrays: run_dir.save_checkpoint(
-            checkpoint_state(strategy, rnd)
-        )
         progress(
             f"run {cfg.resolved_run_name}: {cfg.method} (compression {cfg.compression:g}), "
             f"{cfg.sl_mode}, model {cfg.model} split at {cfg.split_index}, dataset "

@@ -5,19 +5,22 @@ learning needs more: replies as they come, a per-exchange limit, and the rule th
 never gets a second message while its first is unanswered (two messages on one node race on
 its ``context.state``). :class:`Messenger` keeps that rule across exchanges and rounds;
 :func:`discover_partitions` learns which node holds which data partition, since node ids
-(random 64-bit integers under Ray) say nothing about it.
+(random 64-bit integers under Ray) say nothing about it; :class:`Post` addresses messages by
+partition, the only name the strategy uses for a client.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from adc_flwr.run.summary import ERROR, TIMEOUT
+from strategies.outcomes import Failure, RoundOutcome, describe_failures
 
 POLL_INTERVAL_S = 0.005  # how often to pull replies (cheap, in memory); the engine ticks 0.1 s
 
@@ -25,15 +28,6 @@ POLL_INTERVAL_S = 0.005  # how often to pull replies (cheap, in memory); the eng
 # (InMemoryLinkState.get_message_ins), so thousands of messages in flight at once cost
 # quadratic time; asking nodes in batches keeps the queue short.
 DISCOVERY_BATCH = 64
-
-
-
-@dataclass
-class Failure:
-    """Why a node gave no usable reply: ``reason`` is ``error`` or ``timeout``."""
-
-    reason: str
-    detail: str
 
 
 @dataclass
@@ -128,3 +122,70 @@ def discover_partitions(
                 )
             holders[partition] = node
     return holders, num_partitions, failures
+
+
+class Post:
+    """Messages addressed by data partition: built for the node that holds the partition,
+    exchanged through the grid's :class:`Messenger`, failures reported; replies by partition.
+    """
+
+    def __init__(self, nodes: Mapping[int, int], progress: Callable[[str], None]) -> None:
+        self.nodes = nodes  # partition id -> node id: the sampler's map, filled as nodes answer
+        self.progress = progress
+        self.messenger: Messenger | None = None
+
+    def on(self, grid: Grid) -> Messenger:
+        """The messenger of ``grid`` (a new one when the run moves to another grid)."""
+        if self.messenger is None or self.messenger.grid is not grid:
+            self.messenger = Messenger(grid)
+        return self.messenger
+
+    def message(self, partition: int, kind: str, server_round: int, **records: Any) -> Message:
+        """A message of type ``kind`` (``train.start``...) to ``partition``'s node."""
+        return Message(
+            RecordDict(records),
+            dst_node_id=self.nodes[partition],
+            message_type=kind,
+            group_id=str(server_round),
+        )
+
+    def by_partition(self, messages: Iterable[Message]) -> dict[int, Message]:
+        """``messages`` keyed by the partition their node holds, in their order."""
+        partition_of = {node: p for p, node in self.nodes.items()}
+        return {partition_of[m.metadata.dst_node_id]: m for m in messages}
+
+    def exchange(
+        self, messages: dict[int, Message], timeout: float, outcome: RoundOutcome | None = None
+    ) -> dict[int, Message]:
+        """Send one message per partition; replies by partition, failures into ``outcome``
+        (None: a message outside training, whose failure drops nobody)."""
+        if not messages:
+            return {}
+        partition_of = {m.metadata.dst_node_id: p for p, m in messages.items()}
+        assert self.messenger is not None  # set by on(grid) when the round sampled
+        result = self.messenger.exchange(list(messages.values()), timeout)
+        failed = {partition_of[node]: f for node, f in result.failures.items()}
+        if failed and outcome is not None:
+            outcome.failures.update(failed)
+            self.progress(f"  dropped: {describe_failures(failed)}")
+        elif failed:
+            kinds = ", ".join(sorted({m.metadata.message_type for m in messages.values()}))
+            self.progress(f"  {kinds} not answered: {describe_failures(failed)}")
+        return {partition_of[node]: reply for node, reply in result.replies.items()}
+
+    def idle(self, partitions: list[int]) -> list[int]:
+        """Those of ``partitions`` whose node owes no reply (may be sent a message now)."""
+        assert self.messenger is not None
+        busy = self.messenger.busy_nodes()
+        return [p for p in partitions if self.nodes[p] not in busy]
+
+
+def relayed(start: Message, front: ArrayRecord) -> Message:
+    """Vanilla SL: ``start`` as its client's turn comes, carrying the front the previous
+    client returned (a new message: its time to live starts when it is sent)."""
+    return Message(
+        RecordDict({"front": front, "config": start.content["config"]}),
+        dst_node_id=start.metadata.dst_node_id,
+        message_type=start.metadata.message_type,
+        group_id=start.metadata.group_id,
+    )

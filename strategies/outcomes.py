@@ -20,12 +20,19 @@ from flwr.app import Message
 
 from adc_flwr.run.summary import DROP_REASONS, drop_key
 from adc_flwr.wire.accounting import Traffic
-from strategies.messaging import Failure
 
 FED_EVAL_KEYS = ("fed_accuracy_mean", "fed_accuracy_p10", "fed_accuracy_min")
 
 
 MAX_LISTED = 8  # partition ids listed per failure group before "and N more"
+
+
+@dataclass
+class Failure:
+    """Why a client gave no usable reply: ``reason`` is one of the drop reasons."""
+
+    reason: str
+    detail: str
 
 
 class RoundFailed(RuntimeError):

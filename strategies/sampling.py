@@ -136,11 +136,11 @@ class PartitionSampler:
             keep=count if wanted > count else None,
         )
 
-    def state(self) -> tuple:
+    def state_dict(self) -> tuple:
         """The generator's state (for checkpoints)."""
         return self._rng.getstate()
 
-    def set_state(self, state: list | tuple) -> None:
+    def load_state_dict(self, state: list | tuple) -> None:
         version, internal, gauss = state
         self._rng.setstate((version, tuple(internal), gauss))
 

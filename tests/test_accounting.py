@@ -87,7 +87,8 @@ def test_ledger_views_are_copies() -> None:
 
 def test_ledger_state_round_trip_survives_torch_weights_only(tmp_path) -> None:
     ledger = _ledger()
-    torch.save(ledger.state(), tmp_path / "s.pt")
-    restored = TrafficLedger.from_state(torch.load(tmp_path / "s.pt", weights_only=True))
+    torch.save(ledger.state_dict(), tmp_path / "s.pt")
+    restored = TrafficLedger()
+    restored.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert restored.total() == ledger.total()
     assert restored.client_round(2, 9) == ledger.client_round(2, 9)

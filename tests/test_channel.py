@@ -15,8 +15,8 @@ from adc_flwr.wire.channel import Channel, build_channel
 from adc_flwr.wire.codec import packet_to_record, record_to_packet
 from clients import client_app as client_module
 from simulations.inprocess_grid import InProcessGrid, set_task_identity
-from strategies import lifecycle as experiment
 from strategies.lifecycle import build_strategy, run_training
+from strategies.split_strategy import SplitLearningStrategy
 from tests.support.helpers import tiny_config, train_in_process
 
 
@@ -127,12 +127,12 @@ def test_deterministic_by_seed() -> None:
     cfg = RunConfig(channel="awgn", snr_db="-10,10", seed=9)
     a, b = build_channel(cfg), build_channel(cfg)
     assert a is not None and b is not None and a.snr_range_db == (-10.0, 10.0)
-    assert torch.equal(a.state(), b.state())
+    assert torch.equal(a.state_dict(), b.state_dict())
     # a saved state replays the same draws (checkpoint / resume)
-    state = a.state()
+    state = a.state_dict()
     first = activation()
     a.apply_(first)
-    a.load_state(state)
+    a.load_state_dict(state)
     again = activation()
     a.apply_(again)
     assert torch.equal(first, again)
@@ -277,21 +277,21 @@ def test_resume_continues_the_noise_stream(tmp_path: Path, monkeypatch: pytest.M
         progress=lambda _: None,
     )
     cfg = cfg_at(tmp_path / "b")
-    real_evaluate = experiment.SplitLearningStrategy.evaluate_round
+    real_evaluate = SplitLearningStrategy.evaluate_round
 
     def crash_in_round_2(self, server_round, outcome):
         if server_round == 2:
             raise RuntimeError("power cut")
         return real_evaluate(self, server_round, outcome)
 
-    monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", crash_in_round_2)
+    monkeypatch.setattr(SplitLearningStrategy, "evaluate_round", crash_in_round_2)
     with pytest.raises(RuntimeError, match="power cut"):
         run_training(
             InProcessGrid(client_module.app, 1, cfg.to_run_config()),
             cfg,
             progress=lambda _: None,
         )
-    monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", real_evaluate)
+    monkeypatch.setattr(SplitLearningStrategy, "evaluate_round", real_evaluate)
     run_training(
         InProcessGrid(client_module.app, 1, cfg.to_run_config()),
         cfg,

@@ -152,13 +152,13 @@ def test_eval_forward_is_identity_without_learned_parts(method: str) -> None:
 def _old_evaluate(modules, strategy) -> tuple[float, float]:
     """The evaluation loop as it was, with the caller applying decoder(encoder(h))."""
     front, back = modules["front"], strategy.server.back
-    decoder, split = strategy.server.compressor.server_module(), strategy.test_split
+    decoder, split = strategy.server.compressor.server_module(), strategy.evaluator.test_split
     front.eval()
     back.eval()
     correct, loss_sum, n = 0, 0.0, len(split.labels)
     for start in range(0, n, strategy.cfg.eval_batch_size):
         idx = torch.arange(start, min(start + strategy.cfg.eval_batch_size, n)).numpy()
-        pixels, labels = strategy.spec.batch(split, idx)
+        pixels, labels = strategy.evaluator.spec.batch(split, idx)
         h, _ = front(pixels, with_cls_attention=False)
         if "encoder" in modules:
             h = decoder(modules["encoder"](h))
@@ -183,8 +183,8 @@ def test_evaluate_numbers_are_unchanged(tmp_path: Path, method: str) -> None:
         new = evaluate(
             modules,
             strategy.server.back,
-            strategy.test_split,
-            strategy.spec,
+            strategy.evaluator.test_split,
+            strategy.evaluator.spec,
             cfg.eval_batch_size,
             compressor=strategy.server.compressor,
         )

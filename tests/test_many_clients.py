@@ -12,9 +12,9 @@ import torch
 from flwr.app import Message
 
 from adc_flwr.run.summary import DROP_REASONS
-from adc_flwr.training.workers import ClientWorker
+from adc_flwr.training.workers import ClientWorker, ServerWorker
 from clients.node_cache import client_setup
-from strategies.split_strategy import SplitLearningStrategy
+from strategies.evaluation import Evaluator
 from tests.support.helpers import run_server_app, tiny_config
 
 
@@ -38,7 +38,7 @@ class CallLog:
         if msg.metadata.message_type == "train.start":
             config = msg.content["config"]
             assert int(config["partition-id"]) == pid  # addressed to the node that holds it
-            self.starts.append((int(config["round"]), pid))
+            self.starts.append((int(config["server-round"]), pid))
 
     def per_round(self) -> dict[int, list[int]]:
         rounds: dict[int, list[int]] = collections.defaultdict(list)
@@ -124,9 +124,14 @@ def test_eval_every_evaluates_the_clients_current_fronts(
 
     monkeypatch.setattr(ClientWorker, "apply_grads", apply_grads)
     probes: list[int] = []
-    real_evaluate = SplitLearningStrategy._evaluate
+    server_steps = [0]
+    real_step, real_central = ServerWorker.step, Evaluator.central
 
-    def capture(self, server_round, modules, extra=None):
+    def count_steps(self, packets):
+        server_steps[0] += 1
+        return real_step(self, packets)
+
+    def capture(self, modules):
         if modules is not self.client_modules:  # a mid-round probe
             if mode == "splitfed":
                 expected = {k: (latest[0][k] + latest[1][k]) / 2 for k in latest[0]}
@@ -134,10 +139,11 @@ def test_eval_every_evaluates_the_clients_current_fronts(
                 expected = latest[called[-1]]
             for name, value in modules["front"].state_dict().items():
                 torch.testing.assert_close(value, expected[f"front.{name}"], atol=1e-6, rtol=0)
-            probes.append(self.global_step)
-        return real_evaluate(self, server_round, modules, extra)
+            probes.append(server_steps[0])
+        return real_central(self, modules)
 
-    monkeypatch.setattr(SplitLearningStrategy, "_evaluate", capture)
+    monkeypatch.setattr(ServerWorker, "step", count_steps)
+    monkeypatch.setattr(Evaluator, "central", capture)
     summary, _ = run_server_app(cfg, 2, seed=4, before_call=lambda pid, _m: called.append(pid))
     assert summary["status"] == "completed"
     # splitfed: 4 steps, probe after step 2 (step 4 ends the round, which is evaluated);

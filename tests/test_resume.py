@@ -20,8 +20,9 @@ from adc_flwr.run.run_dir import RunDir
 from adc_flwr.training.workers import ServerWorker
 from clients import client_app as client_module
 from simulations.inprocess_grid import InProcessGrid
+from strategies.evaluation import Evaluator
 from strategies.lifecycle import run_training
-from strategies.split_strategy import SplitLearningStrategy
+from strategies.step_engine import StepEngine
 from tests.support.helpers import tiny_config
 
 
@@ -75,24 +76,25 @@ def kill_on_call(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, call: in
 
 
 @pytest.mark.parametrize(
-    ("where", "call"),
+    ("cls", "where", "call"),
     [
-        ("server_step", 2),  # round 1, before any checkpoint
-        ("server_step", 8),  # round 3, after two checkpoints
-        ("_evaluate", 3),  # round 2's mid-round (eval-every) evaluation
-        ("_evaluate", 4),  # round 2's own evaluation, before its checkpoint
+        (StepEngine, "server_step", 2),  # round 1, before any checkpoint
+        (StepEngine, "server_step", 8),  # round 3, after two checkpoints
+        (Evaluator, "central", 3),  # round 2's mid-round (eval-every) evaluation
+        (Evaluator, "central", 4),  # round 2's own evaluation, before its checkpoint
     ],
 )
 def test_killed_run_resumes_to_the_same_metrics(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     reference: tuple[pd.DataFrame, pd.DataFrame],
+    cls: type,
     where: str,
     call: int,
 ) -> None:
     cfg = config(tmp_path)
     with monkeypatch.context() as patch:
-        kill_on_call(patch, SplitLearningStrategy, where, call)
+        kill_on_call(patch, cls, where, call)
         with pytest.raises(Kill):
             run(cfg, seed=1)
     summary = run(cfg, seed=2)  # other node ids: a new process
@@ -121,7 +123,7 @@ def test_ctrl_c_leaves_an_interrupted_summary_and_resumes(
 ) -> None:
     cfg = config(tmp_path)
     with monkeypatch.context() as patch:
-        kill_on_call(patch, SplitLearningStrategy, "server_step", 5, exc=KeyboardInterrupt)
+        kill_on_call(patch, StepEngine, "server_step", 5, exc=KeyboardInterrupt)
         with pytest.raises(KeyboardInterrupt):
             run(cfg)
     summary = RunDir(cfg.run_dir).read_summary()
@@ -152,7 +154,7 @@ def test_failed_nan_run_rerun_does_not_duplicate_rows(
 def crashed_in_round_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RunConfig:
     cfg = config(tmp_path)
     with monkeypatch.context() as patch:
-        kill_on_call(patch, SplitLearningStrategy, "server_step", 8)
+        kill_on_call(patch, StepEngine, "server_step", 8)
         with pytest.raises(Kill):
             run(cfg)
     return cfg
@@ -196,7 +198,7 @@ def test_killed_sampling_run_resumes_with_the_same_draws(
     run4(whole, seed=0)
     cfg = sampled(tmp_path / "killed")
     with monkeypatch.context() as patch:
-        kill_on_call(patch, SplitLearningStrategy, "server_step", 8)  # round 3
+        kill_on_call(patch, StepEngine, "server_step", 8)  # round 3
         with pytest.raises(Kill):
             run4(cfg, seed=1)
     assert run4(cfg, seed=2)["status"] == "completed"

@@ -21,14 +21,15 @@ from adc_flwr.data import load_data
 from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import build_model, split_vit
 from adc_flwr.run.run_dir import RunDir
+from adc_flwr.training.workers import ServerWorker
 from clients import client_app as client_module
-from clients.client_app import load_tensors
+from clients.context_state import load_tensors
 from clients.node_cache import ClientSetup, client_setup
 from simulations.inprocess_grid import InProcessGrid, set_task_identity
-from strategies import lifecycle as experiment
 from strategies.lifecycle import build_strategy, run_training
 from strategies.messaging import Messenger
 from strategies.outcomes import RoundFailed
+from strategies.split_strategy import SplitLearningStrategy
 from tests.support.helpers import tiny_config, train_in_process
 
 
@@ -274,7 +275,7 @@ def test_nan_loss_stops_with_message_and_keeps_metrics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = tiny_config(tmp_path, local_steps=4)
-    real_step = experiment.ServerWorker.step
+    real_step = ServerWorker.step
     calls = {"n": 0}
 
     def nan_on_third(self, packets):
@@ -282,7 +283,7 @@ def test_nan_loss_stops_with_message_and_keeps_metrics(
         step = real_step(self, packets)
         return step._replace(loss=math.nan) if calls["n"] == 3 else step
 
-    monkeypatch.setattr(experiment.ServerWorker, "step", nan_on_third)
+    monkeypatch.setattr(ServerWorker, "step", nan_on_third)
     with pytest.raises(RuntimeError, match="diverged"):
         run(cfg, nodes=1)
     run_dir = RunDir(cfg.run_dir)
@@ -312,17 +313,17 @@ def test_crash_then_resume_equals_uninterrupted_run(
     reference, _ = train_in_process(whole, nodes=2)
 
     cfg = tiny_config(tmp_path / "b", optimizer="sgd", lr=0.05, num_server_rounds=3)
-    real_evaluate = experiment.SplitLearningStrategy.evaluate_round
+    real_evaluate = SplitLearningStrategy.evaluate_round
 
     def crash_in_round_2(self, server_round, outcome):
         if server_round == 2:
             raise RuntimeError("power cut")
         return real_evaluate(self, server_round, outcome)
 
-    monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", crash_in_round_2)
+    monkeypatch.setattr(SplitLearningStrategy, "evaluate_round", crash_in_round_2)
     with pytest.raises(RuntimeError, match="power cut"):
         run(cfg, nodes=2)
-    monkeypatch.setattr(experiment.SplitLearningStrategy, "evaluate_round", real_evaluate)
+    monkeypatch.setattr(SplitLearningStrategy, "evaluate_round", real_evaluate)
 
     lines: list[str] = []
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
@@ -362,18 +363,20 @@ def test_configure_train_builds_the_start_messages_the_client_app_runs(tmp_path:
 
 def test_strategy_start_keeps_flowers_arguments(tmp_path: Path) -> None:
     """evaluate_fn runs before the first round and after each, as in Flower's start;
-    train_config reaches the clients; evaluate_config (client evaluation) is refused."""
-    cfg = tiny_config(tmp_path, num_server_rounds=2)
+    train_config reaches the clients in train.start, evaluate_config in evaluate.held_out
+    (federated evaluation), whose accuracies are Flower's client-side evaluation metrics."""
+    cfg = tiny_config(tmp_path, num_server_rounds=2, federated_eval_every=1)
     grid = InProcessGrid(client_module.app, 2, cfg.to_run_config())
     strategy, arrays = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     strategy.sampler.settle_s = 0.0
-    with pytest.raises(ValueError, match="evaluate_config"):
-        strategy.start(grid, arrays, evaluate_config=ConfigRecord({"x": 1}))
     calls: list[int] = []
-    seen_config: list[str] = []
-    grid.before_call = lambda pid, msg: seen_config.extend(
-        [msg.content["config"]["note"]] if msg.metadata.message_type == "train.start" else []
-    )
+    seen_config: list[tuple[str, str]] = []
+
+    def note(_pid: int, msg: Message) -> None:
+        if msg.metadata.message_type in ("train.start", "evaluate.held_out"):
+            seen_config.append((msg.metadata.message_type, msg.content["config"]["note"]))
+
+    grid.before_call = note
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         calls.append(server_round)
@@ -384,10 +387,15 @@ def test_strategy_start_keeps_flowers_arguments(tmp_path: Path) -> None:
         arrays,
         num_rounds=2,
         train_config=ConfigRecord({"note": "hi"}),
+        evaluate_config=ConfigRecord({"note": "ev"}),
         evaluate_fn=evaluate_fn,
     )
     assert calls == [0, 1, 2]
-    assert seen_config == ["hi"] * 4  # 2 clients × 2 rounds
+    # 2 clients × 2 rounds of each
+    assert sorted(seen_config) == [("evaluate.held_out", "ev")] * 4 + [("train.start", "hi")] * 4
     assert result.evaluate_metrics_serverapp[2]["custom"] == 2.0
     assert "test_accuracy" in result.evaluate_metrics_serverapp[2]
+    assert set(result.evaluate_metrics_clientapp) == {1, 2}
+    fed = result.evaluate_metrics_clientapp[2]["fed_accuracy_mean"]
+    assert fed == strategy.history[1]["fed_accuracy_mean"] and 0 <= fed <= 1
     assert result.train_metrics_clientapp[1]["clients"] == 2

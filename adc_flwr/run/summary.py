@@ -108,10 +108,12 @@ def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[st
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is None:
         return run_summary(status, [], Traffic(), None, error=error)
+    ledger = TrafficLedger()
+    ledger.load_state_dict(checkpoint["ledger"])
     return run_summary(
         status,
         list(checkpoint["history"]),
-        TrafficLedger.from_state(checkpoint["ledger"]).total(),
+        ledger.total(),
         float(checkpoint["wall_time_s"]),
         error=error,
     )

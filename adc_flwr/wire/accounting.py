@@ -135,7 +135,7 @@ class TrafficLedger:
         """Up + down, model sync included, in MB (1e6 bytes): what ``budget-mb`` limits."""
         return self._total.total / 1e6
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain ints, for a checkpoint that ``torch.load(weights_only=True)`` reads."""
         return {
             "total": asdict(self._total),
@@ -143,14 +143,12 @@ class TrafficLedger:
             "clients": [{"client": c, **asdict(t)} for c, t in self._clients.items()],
         }
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> TrafficLedger:
-        """Rebuild a ledger saved with :meth:`state` (resume after a restart)."""
-        ledger = cls()
-        ledger._total = Traffic(**state["total"])
-        ledger._round = state["round"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (resume after a restart), in place."""
+        self._total = Traffic(**state["total"])
+        self._round = state["round"]
+        self._clients = {}
         for row in state["clients"]:
             counts = dict(row)
             client = counts.pop("client")
-            ledger._clients[client] = Traffic(**counts)
-        return ledger
+            self._clients[client] = Traffic(**counts)

@@ -111,11 +111,11 @@ class Channel:
 
     # ---- checkpoints ------------------------------------------------------------------
 
-    def state(self) -> torch.Tensor:
+    def state_dict(self) -> torch.Tensor:
         """The generator state, so a resumed run draws what the uninterrupted run would."""
         return self.generator.get_state()
 
-    def load_state(self, state: torch.Tensor) -> None:
+    def load_state_dict(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
 

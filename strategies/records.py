@@ -1,0 +1,105 @@
+"""What each step, evaluation and round writes: rows of ``metrics.csv`` and ``clients.csv``,
+the round's line of ``history`` and the progress line people read.
+
+Every row carries the traffic so far (the ledger's totals), the wall time of the run (earlier
+processes of a resumed run included) and the simulated clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from adc_flwr.config import RunConfig
+from adc_flwr.run.run_dir import RunDir
+from adc_flwr.wire.accounting import TrafficLedger
+from strategies.outcomes import RoundOutcome, round_line
+from strategies.simulated_clients import SimulatedClients
+
+
+class RunRecorder:
+    """The run's rows and history; a run without a directory keeps only the history."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: RunDir | None,
+        ledger: TrafficLedger,
+        clients: SimulatedClients,
+        progress: Callable[[str], None],
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.ledger = ledger
+        self.clients = clients
+        self.progress = progress
+        self.history: list[dict[str, Any]] = []
+        self.wall_offset = 0.0  # wall seconds of earlier processes (resume)
+        self.first_round = 1  # the first round this process runs (for the ETA)
+        self._wall_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Wall seconds of this run, earlier runs of a resumed run included."""
+        return self.wall_offset + time.perf_counter() - self._wall_start
+
+    def _row(self, kind: str, server_round: int, step: int, **values: Any) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.append_metrics(
+            {
+                "kind": kind,
+                "round": server_round,
+                "step": step,
+                **values,
+                **self.ledger.total().as_dict(),
+                "wall_time_s": self.elapsed(),
+                "sim_time_s": self.clients.clock.now,
+            }
+        )
+
+    def step(self, server_round: int, step: int, loss: float) -> None:
+        """One ``step`` row: the server's loss of global step ``step``."""
+        self._row("step", server_round, step, train_loss=loss)
+
+    def evaluation(
+        self,
+        server_round: int,
+        step: int,
+        accuracy: float,
+        loss: float,
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        """One ``eval`` row (``extra``: the federated evaluation's columns)."""
+        self._row(
+            "eval", server_round, step, test_accuracy=accuracy, test_loss=loss, **(extra or {})
+        )
+
+    def round(
+        self, server_round: int, step: int, outcome: RoundOutcome, accuracy: float, loss: float
+    ) -> dict[str, float]:
+        """The round's ``history`` row and ``clients.csv`` rows (fsynced), then its line."""
+        row = outcome.row(server_round, accuracy, loss, self.ledger.total())
+        row |= {"steps": step, "wall_time_s": self.elapsed(), "sim_time_s": self.clients.clock.now}
+        self.history.append(row)
+        if self.run_dir is not None:
+            self.run_dir.append_clients(self.client_rows(server_round, outcome))
+            self.run_dir.flush()
+        rounds_here = server_round - self.first_round + 1  # rounds run by this process
+        per_round = (self.elapsed() - self.wall_offset) / rounds_here
+        eta = per_round * (self.cfg.num_server_rounds - server_round)
+        self.progress(round_line(row, self.cfg.num_server_rounds, eta))
+        return row
+
+    def client_rows(self, server_round: int, outcome: RoundOutcome) -> list[dict[str, object]]:
+        """This round's ``clients.csv`` rows: every sampled client, what it cost, how it ended."""
+        outcomes = {p: f.reason for p, f in outcome.failures.items()}
+        outcomes |= dict.fromkeys(outcome.not_started, "not-started")
+
+        def traffic(partition: int) -> tuple[int, int, int]:
+            spent = self.ledger.client_round(server_round, partition)
+            return spent.up, spent.down, spent.bytes_model_sync
+
+        return self.clients.client_rows(
+            server_round, outcome.sampled, outcomes, traffic, outcome.fed_eval
+        )
