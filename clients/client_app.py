@@ -1,6 +1,6 @@
 """Flower ClientApp: the ViT's front blocks and the split-point compressor.
 
-Protocol (DESIGN.md section 3), one exchange per step:
+Protocol (docs/design.md section 3), one exchange per step:
 
 - ``query.info``: which partition this node holds (node ids say nothing about it).
 - ``train.start`` {front weights, config}: load the front, forward batch 0, reply packet 0;

@@ -1,5 +1,5 @@
 # Which build of the pinned torch this machine gets, and installing exactly that build.
-# Functions for scripts/setup.sh: sourced, never run (tests/test_setup.py sources it with a
+# Functions for scripts/setup.sh: sourced, never run (tests/simulations/test_setup.py sources it with a
 # fake nvidia-smi and a fake pip). Messages go to stderr; results to stdout.
 #
 # A build is torch's local version label: 2.13.0+cpu, 2.13.0+cu126, ... pip counts the

@@ -1,4 +1,4 @@
-"""Gather a sweep's run directories into tables that notebooks and BENCHMARKS.md read.
+"""Gather a sweep's run directories into tables that notebooks and study READMEs read.
 
 :func:`collect` reads every ``<results_dir>/<run>/config.json`` + ``summary.json`` and
 writes, atomically, beside the runs:
@@ -13,7 +13,7 @@ The tables are all a notebook needs, so results can ship without their run direc
 
     python -m simulations.collect results/paper_sweep [--values test_accuracy] [--long]
 
-prints a markdown pivot (method × compression level -> accuracy) for BENCHMARKS.md; when a
+prints a markdown pivot (method × compression level -> accuracy) for a study README; when a
 sweep lists several seeds, each cell is the mean ± standard deviation over them (and their
 number), and :func:`over_seeds` gives the same per point as a table.
 """
@@ -49,7 +49,7 @@ from simulations.tables import (
 
 TABLE_FILE = "table.csv"
 SWEEP_FILE = "sweep.json"  # written by the sweep runner: its points and their statuses
-# the order methods are listed in (DESIGN.md section 2); others follow alphabetically
+# the order methods are listed in (docs/design.md section 2); others follow alphabetically
 METHOD_ORDER = ("none", "adc", "topk", "random-topk", "c3sl", "bottlenet", "quant", "pq")
 # keys folded into `level`, so a pivot by level needs none of them as columns
 LEVEL_KEYS = ("compression", "c3sl-r", "quant-bits", "batch-compression", "token-compression")

@@ -16,8 +16,8 @@ starts:
    certificates);
 3. turns SIGINT, SIGTERM and SIGHUP into :class:`~simulations.reaper.Interrupted`; they are
    held while the private directory is made and from the end of the run to the end of the
-   clean-up, so a signal landing anywhere still stops everything (``tests/test_cleanup.py``
-   proves it instruction by instruction);
+   clean-up, so a signal landing anywhere still stops everything
+   (``tests/simulations/test_cleanup.py`` proves it instruction by instruction);
 4. at the end, on failure or on a signal, ends every descendant by PID (SIGTERM, then
    SIGKILL: some Ray agents ignore SIGTERM), keeps Flower's logs in the run directory when
    the run did not complete, and removes the private directory;

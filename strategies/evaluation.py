@@ -7,6 +7,7 @@ traffic or put on the simulated clock.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -21,30 +22,23 @@ from adc_flwr.training.workers import ServerWorker
 from adc_flwr.wire.codec import record_to_state
 
 
+@dataclass(eq=False)
 class Evaluator:
     """Central and federated evaluation against the strategy's back.
 
-    Args:
+    Attributes:
         cfg: the run config (evaluation batch size, precision).
         server: the back and the compressor's server side.
         client_modules: the global client-side modules (front, learned encoder).
         test_split, spec: central test data and how to feed it to the model.
     """
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        server: ServerWorker,
-        client_modules: dict[str, torch.nn.Module],
-        test_split: ImageSplit,
-        spec: InputSpec,
-    ) -> None:
-        self.cfg = cfg
-        self.server = server
-        self.client_modules = client_modules
-        self.test_split = test_split
-        self.spec = spec
-        self._probe_modules: dict[str, torch.nn.Module] | None = None
+    cfg: RunConfig
+    server: ServerWorker
+    client_modules: dict[str, torch.nn.Module]
+    test_split: ImageSplit
+    spec: InputSpec
+    _probe_modules: dict[str, torch.nn.Module] | None = field(default=None, init=False)
 
     def central(self, modules: dict[str, torch.nn.Module]) -> tuple[float, float]:
         """Accuracy and loss of ``modules`` + the back on the central test split."""

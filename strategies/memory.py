@@ -5,8 +5,8 @@ the ServerApp; within a round it allocates and frees a copy of the front (severa
 client and message. glibc raises its mmap threshold each time such a block is freed, after
 which blocks of that size come from heap arenas that seldom shrink: measured with DeiT-Tiny
 and 100 clients a round, the process's resident memory grew to three times the bytes it held
-alive (BENCHMARKS.md, "DeiT-Tiny clients"). A fixed threshold keeps every large block in its
-own mapping, returned to the OS when freed.
+alive (BENCHMARKS.md, "Scale with DeiT-Tiny clients"). A fixed threshold keeps every large
+block in its own mapping, returned to the OS when freed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a round did, told truthfully (DESIGN.md section 7).
+"""What a round did, told truthfully (docs/design.md section 7).
 
 Every sampled client ends a round in one of a few outcomes: finished, or dropped for a reason
 (``error``: it raised; ``timeout``: no reply in time; ``unavailable``: drawn, but its node was

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from adc_flwr.config import RunConfig
@@ -18,26 +19,19 @@ from strategies.outcomes import RoundOutcome, round_line
 from strategies.simulated_clients import SimulatedClients
 
 
+@dataclass(eq=False)
 class RunRecorder:
     """The run's rows and history; a run without a directory keeps only the history."""
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        run_dir: RunDir | None,
-        ledger: TrafficLedger,
-        clients: SimulatedClients,
-        progress: Callable[[str], None],
-    ) -> None:
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.ledger = ledger
-        self.clients = clients
-        self.progress = progress
-        self.history: list[dict[str, Any]] = []
-        self.wall_offset = 0.0  # wall seconds of earlier processes (resume)
-        self.first_round = 1  # the first round this process runs (for the ETA)
-        self._wall_start = time.perf_counter()
+    cfg: RunConfig
+    run_dir: RunDir | None
+    ledger: TrafficLedger
+    clients: SimulatedClients
+    progress: Callable[[str], None]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_offset: float = 0.0  # wall seconds of earlier processes (resume)
+    first_round: int = 1  # the first round this process runs (for the ETA)
+    _wall_start: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
         """Wall seconds of this run, earlier runs of a resumed run included."""

@@ -1,4 +1,4 @@
-"""The simulated client population as the split-learning loop sees it (DESIGN.md section 6).
+"""The simulated client population as the split-learning loop sees it (docs/design.md section 6).
 
 The loop still exchanges real Flower messages with every client it trains; this module
 decides, from each client's profile and the seeded draws, what those exchanges would have

@@ -34,7 +34,8 @@ from adc_flwr.run.summary import STRAGGLER, UNAVAILABLE
 from adc_flwr.training.modules import load_modules_state, modules_state
 from adc_flwr.training.workers import ServerWorker
 from adc_flwr.wire.accounting import TrafficLedger
-from adc_flwr.wire.codec import record_to_state, uncompressed_act_nbytes
+from adc_flwr.wire.codec import record_to_state
+from adc_flwr.wire.sizes import uncompressed_act_nbytes
 from strategies.evaluation import Evaluator
 from strategies.messaging import Post, relayed
 from strategies.outcomes import Failure, RoundOutcome, describe_failures

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
@@ -21,7 +21,8 @@ from adc_flwr.config import RunConfig
 from adc_flwr.run.summary import STRAGGLER
 from adc_flwr.training.workers import ServerWorker
 from adc_flwr.wire.accounting import Traffic, TrafficLedger
-from adc_flwr.wire.codec import grads_to_record, record_to_packet, uncompressed_act_nbytes
+from adc_flwr.wire.codec import grads_to_record, record_to_packet
+from adc_flwr.wire.sizes import uncompressed_act_nbytes
 from strategies.messaging import Post
 from strategies.outcomes import Failure, RoundOutcome, describe_failures
 from strategies.records import RunRecorder
@@ -48,10 +49,11 @@ class ClientRound:
         return self.step + 1 >= self.steps
 
 
+@dataclass(eq=False)
 class StepEngine:
     """Runs the steps of the clients a round starts, until each has done its steps.
 
-    Args:
+    Attributes:
         cfg: the validated run config.
         server: the back, its optimizer and loss.
         clients: the simulated population (clock, drop-outs, stragglers, ξ per client).
@@ -63,30 +65,23 @@ class StepEngine:
             when ``eval-every`` asks for a mid-round evaluation.
     """
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        server: ServerWorker,
-        clients: SimulatedClients,
-        ledger: TrafficLedger,
-        post: Post,
-        recorder: RunRecorder,
-        front_shape: tuple[int, int],
-        probe: Callable[[int, dict[int, Message], RoundOutcome], None],
-    ) -> None:
-        self.cfg = cfg
-        self.server = server
-        self.clients = clients
-        self.ledger = ledger
-        self.post = post
-        self.recorder = recorder
-        self.front_shape = front_shape
-        self.probe = probe
-        self.global_step = 0
-        self.batches_done: dict[int, int] = {}  # partition id -> batches consumed so far
-        self.started: set[int] = set()  # partitions started in this process (warm)
-        self.timeout = cfg.step_timeout  # seconds to wait for one exchange's replies
-        self._compressors: dict[float, Compressor] = {cfg.compression: server.compressor}
+    cfg: RunConfig
+    server: ServerWorker
+    clients: SimulatedClients
+    ledger: TrafficLedger
+    post: Post
+    recorder: RunRecorder
+    front_shape: tuple[int, int]
+    probe: Callable[[int, dict[int, Message], RoundOutcome], None]
+    global_step: int = 0
+    batches_done: dict[int, int] = field(default_factory=dict)  # partition -> batches consumed
+    started: set[int] = field(default_factory=set)  # partitions started in this process (warm)
+    timeout: float = field(init=False)  # seconds to wait for one exchange's replies
+    _compressors: dict[float, Compressor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timeout = self.cfg.step_timeout
+        self._compressors = {self.cfg.compression: self.server.compressor}
 
     def train(
         self,

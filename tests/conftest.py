@@ -10,7 +10,7 @@ from simulations.collect import collect
 from simulations.experiments import load_experiment
 from simulations.sweep import run_sweep
 
-STUDIES_TINY = Path(__file__).resolve().parent / "data" / "studies_tiny.toml"
+STUDIES_TINY = Path(__file__).resolve().parent / "support" / "studies_tiny.toml"
 
 
 @pytest.fixture(scope="session")

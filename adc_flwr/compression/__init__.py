@@ -1,4 +1,4 @@
-"""Split-point compressors behind one interface (DESIGN.md section 2).
+"""Split-point compressors behind one interface (docs/design.md section 2).
 
 Every module of this package other than ``base`` and ``registry`` is a method that
 registers itself on import; importing the package imports them all.

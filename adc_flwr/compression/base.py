@@ -1,4 +1,4 @@
-"""The one interface every split-point compressor implements (DESIGN.md section 2).
+"""The one interface every split-point compressor implements (docs/design.md section 2).
 
 A compressor turns the client front's output into a :class:`Packet` (what goes on the wire,
 plus what the client must remember to redo the same encoding), and turns the received

@@ -1,4 +1,4 @@
-"""Batched, seeded K-means in plain torch (DESIGN.md section 1).
+"""Batched, seeded K-means in plain torch (docs/design.md section 1).
 
 ADC clusters a batch of CLS-attention rows every training step, and product quantization
 clusters G sub-vector groups at once, so this solves G independent problems ``(G, N, D)``

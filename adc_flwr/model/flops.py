@@ -1,4 +1,4 @@
-"""FLOPs of one split-learning step, for the simulated clock (DESIGN.md section 6).
+"""FLOPs of one split-learning step, for the simulated clock (docs/design.md section 6).
 
 Counted once per model shape with torch's FLOP counter on copies of the modules on the
 ``meta`` device: shapes only, no memory and no arithmetic, and every matmul and attention

@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, int]] = {
         # reached the same Fashion-MNIST accuracy after the same number of split steps.
         # Patches of up to 7 px: 28 px images give 16 patches + CLS (17 tokens, not 50 with
         # 4 px), about twice the steps per second and better accuracy in a few minutes
-        # (BENCHMARKS.md, "The main job"); 8 px digits keep 2 px patches
+        # (simulations/results/main_job/README.md); 8 px digits keep 2 px patches
         "hidden_size": 64,
         "num_hidden_layers": 6,
         "num_attention_heads": 2,

@@ -1,4 +1,4 @@
-"""The simulated clock (DESIGN.md section 6): bytes and FLOPs become seconds; nothing sleeps.
+"""The simulated clock (docs/design.md section 6): bytes and FLOPs become seconds; nothing sleeps.
 
 One exchange is the server's message to each client and the client's reply. A client's time
 in it is its download (latency + bytes at its downlink), its compute (FLOPs at its device

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md section 5): what a run leaves behind, crash-safe and resumable.
+"""The run directory (docs/design.md section 5): what a run leaves behind, crash-safe and resumable.
 
 ``<out-dir>/<run-name>/`` holds:
 
@@ -57,6 +57,14 @@ from adc_flwr.run.table import RoundTable
 if TYPE_CHECKING:
     import pandas as pd
 
+# the traffic so far, on every metrics row and in the summary (``Traffic.as_dict()``)
+TRAFFIC_COLUMNS: tuple[str, ...] = (
+    "bytes_up_act",
+    "bytes_up_targets",
+    "bytes_down_grad",
+    "bytes_model_sync",
+    "compression_ratio",
+)
 METRIC_COLUMNS: tuple[str, ...] = (
     "kind",
     "round",
@@ -64,11 +72,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "train_loss",
     "test_accuracy",
     "test_loss",
-    "bytes_up_act",
-    "bytes_up_targets",
-    "bytes_down_grad",
-    "bytes_model_sync",
-    "compression_ratio",
+    *TRAFFIC_COLUMNS,
     "wall_time_s",
     "sim_time_s",
     "fed_accuracy_mean",

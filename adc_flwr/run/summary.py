@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from adc_flwr.run.run_dir import TRAFFIC_COLUMNS
+
 if TYPE_CHECKING:
     from adc_flwr.run.run_dir import RunDir
     from adc_flwr.wire.accounting import Traffic
@@ -40,11 +42,7 @@ SUMMARY_METRICS = (
     "rounds",
     "test_accuracy",
     "test_loss",
-    "bytes_up_act",
-    "bytes_up_targets",
-    "bytes_down_grad",
-    "bytes_model_sync",
-    "compression_ratio",
+    *TRAFFIC_COLUMNS,
     "wall_time_s",
     "sim_time_s",
 )

@@ -15,7 +15,7 @@ hide the GPUs on purpose.
 ``precision = "bf16"`` runs the front and back forwards under ``torch.autocast``; the
 compressors, K-means, the CLS-attention row that ranks tokens (autocast is switched off for
 it), the loss and the wire stay float32, so a client's replay of a packet reuses the same
-plan on the same activations (README, *Devices and precision*). :func:`check_precision`
+plan on the same activations (docs/devices.md). :func:`check_precision`
 refuses bf16 on a CUDA device without bfloat16.
 """
 

@@ -1,4 +1,4 @@
-"""Bytes per direction, read from codec sizes only (DESIGN.md section 4).
+"""Bytes per direction, read from codec sizes only (docs/design.md section 4).
 
 Nothing here estimates a size: :class:`Traffic` is built from serialised records through
 :mod:`adc_flwr.wire.codec`, so the numbers are exactly what Flower carried.
@@ -84,7 +84,7 @@ class Traffic:
         """``bytes_up_act / bytes_up_act_uncompressed``; NaN when no activation was sent.
 
         NaN rather than 1.0 so that "nothing measured" cannot pass for "no compression";
-        results.py writes it as a blank cell / JSON null.
+        the run directory writes it as a blank cell / JSON null.
         """
         if self.bytes_up_act_uncompressed == 0:
             return math.nan

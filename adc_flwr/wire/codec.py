@@ -34,26 +34,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from adc_flwr.config import WIRE_DTYPES
-from adc_flwr.wire.sizes import ACT_NAME, FLOAT_TAG, npy_header_nbytes, uncompressed_act_nbytes
+from adc_flwr.wire.sizes import FLOAT_TAG
 
 if TYPE_CHECKING:  # only read here; importing it would pull in every compressor (cycle risk)
     from adc_flwr.compression.base import Compressor, Packet
-
-__all__ = [
-    "ACT_NAME",
-    "ArrayRecord",
-    "ReceivedPacket",
-    "act_and_target_nbytes",
-    "grads_to_record",
-    "npy_header_nbytes",
-    "packet_to_record",
-    "record_nbytes",
-    "record_to_grads",
-    "record_to_packet",
-    "record_to_state",
-    "state_to_record",
-    "uncompressed_act_nbytes",
-]
 
 _FLOAT, _BF16, _INT = FLOAT_TAG, "b", "i"
 _HARD_TARGETS, _SOFT_TARGETS = "y", "ys"

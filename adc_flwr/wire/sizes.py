@@ -5,7 +5,7 @@ length of its record key, as Flower's ``ArrayRecord.count_bytes()`` does. The si
 follow that rule from a dtype and a shape alone, so compressors can size their packets
 before encoding one. This module imports numpy only: the compressors use it and must import
 and run without Flower (``benchmarks/bench_gpu.py`` runs them on a machine with torch only).
-The codec re-exports both functions; ``tests/test_codec.py`` checks them against real records.
+``tests/wire/test_codec.py`` checks them against real records.
 """
 
 from __future__ import annotations

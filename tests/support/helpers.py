@@ -92,3 +92,15 @@ def run_server_app(
 def front_copy(strategy: SplitLearningStrategy) -> dict[str, torch.Tensor]:
     """A detached copy of the global front's weights (e.g. for ``before_start``)."""
     return {k: v.detach().clone() for k, v in strategy.client_modules["front"].state_dict().items()}
+
+
+def front_batch(
+    batch: int, tokens: int, hidden: int, classes: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded stand-in for the front's output: ``h`` (B, n, d), labels (B,) and a
+    CLS-attention row (B, n) whose rows sum to one."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, tokens, hidden, generator=g)
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    cls_attn = torch.softmax(torch.randn(batch, tokens, generator=g), dim=-1)
+    return h, labels, cls_attn
