@@ -221,12 +221,14 @@ def _in_range(
     low: float, high: float = math.inf, *, low_open: bool = False
 ) -> Callable[[Any], str | None]:
     def check(v: float) -> str | None:
-        ok = (v > low if low_open else v >= low) and v <= high and not math.isnan(v)
-        if ok:
-            return None
         left = "(" if low_open else "["
         right = "]" if high != math.inf else ")"
-        return f"allowed range is {left}{low:g}, {high:g}{right}"
+        allowed = f"allowed range is {left}{low:g}, {high:g}{right}"
+        if not math.isfinite(v):
+            return f"must be a finite number; {allowed}"
+        if (v > low if low_open else v >= low) and v <= high:
+            return None
+        return allowed
 
     return check
 
@@ -258,6 +260,26 @@ def device_spelling(v: str) -> str | None:
 
 def _non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
+
+
+MAX_RUN_NAME_BYTES = 200
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory, or None: a run name is one folder name
+    inside ``out-dir`` (the ServerApp takes it from whoever submits a run); empty means
+    derived from the swept values."""
+    if name in (".", ".."):
+        return "must be a folder name, not '.' or '..'"
+    if any(c in name for c in "/\\\0"):
+        return "must be one folder name: no '/', '\\' or NUL"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not hold control characters (a newline, a tab, ...)"
+    if name.startswith("-"):
+        return "must not start with '-'"
+    if (size := len(name.encode("utf-8"))) > MAX_RUN_NAME_BYTES:
+        return f"is {size} bytes long; at most {MAX_RUN_NAME_BYTES}"
+    return None
 
 
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -320,6 +342,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "federated-eval-every": _in_range(0),
     "federated-eval-fraction": _in_range(0, 0.5, low_open=True),
     "out-dir": _non_empty,
+    "run-name": run_name_problem,
 }
 
 

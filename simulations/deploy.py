@@ -19,6 +19,7 @@ status is the run's (0 completed, 1 failed, no verdict or the deployment did not
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adc_flwr.config import ConfigError
+from adc_flwr.run.validation import OUT_ROOT_ENV
 from simulations import supervise
 from simulations.certs import make_node_key
 from simulations.local_deployment import CONNECTION, LocalDeployment
@@ -83,7 +85,10 @@ class Deployment:
         self.deployment: LocalDeployment | None = None
 
     def run(self, home: Path, run_config: str) -> None:
-        self.deployment = LocalDeployment(home)
+        # the ServerApp writes only under this run's out-dir unless the user pinned a root
+        out_dir = str(parse_pairs(run_config, "--run-config")["out-dir"])
+        env = {OUT_ROOT_ENV: out_dir} | os.environ
+        self.deployment = LocalDeployment(home, env=env)
         start_deployment(self.deployment, self.nodes)
         command = ["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config]
         subprocess.Popen(

@@ -16,12 +16,13 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from adc_flwr.config import ConfigError
-from adc_flwr.run.resume import run_state
+from adc_flwr.run.resume import RESUME, resumable_checkpoint, run_state
 from adc_flwr.run.run_dir import RunDir
 
 DEFAULT_SUPERNODES = 2  # flwr's own default since 1.32
@@ -65,12 +66,34 @@ def check(run_config: str, federation_config: str, out_dir: str, run_name: str) 
     from adc_flwr.run.validation import validate_run
 
     federation = parse_pairs(federation_config, "--federation-config")
+    check_federation(federation)
     nodes = federation.get("num-supernodes", DEFAULT_SUPERNODES)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ConfigError(f"federation key 'num-supernodes' = {nodes!r}: expected an int >= 1")
     pairs = parse_pairs(run_config, "--run-config") | {"out-dir": out_dir, "run-name": run_name}
     cfg = validate_run(pairs, num_partitions=nodes)
-    return run_state(RunDir(cfg.run_dir), cfg.to_run_config())
+    run_dir = RunDir(cfg.run_dir)
+    state = run_state(run_dir, cfg.to_run_config())
+    if state == RESUME:  # a damaged checkpoint or metrics.csv: now, not once Flower runs
+        resumable_checkpoint(run_dir)
+    return state
+
+
+def check_federation(federation: Mapping[str, Any]) -> None:
+    """Every ``--federation-config`` key is one ``flwr run`` knows, of its type (Flower's
+    ``SimulationConfig``); :class:`ConfigError` naming the key otherwise."""
+    from flwr.proto.federation_config_pb2 import SimulationConfig
+
+    fields = {f.name.replace("_", "-"): f.name for f in SimulationConfig.DESCRIPTOR.fields}
+    for key, value in federation.items():
+        if key not in fields:
+            raise ConfigError(
+                f"federation key {key!r} is unknown; known keys: {', '.join(sorted(fields))}"
+            )
+        try:
+            setattr(SimulationConfig(), fields[key], value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"federation key {key!r} = {value!r}: {exc}") from None
 
 
 def check_apart(run_config: str, federation_config: str, out_dir: str, run_name: str) -> str:
@@ -101,4 +124,3 @@ def pinned_run_config(run_config: str, run_dir: Path) -> str:
         "run-name": run_dir.name,
     }
     return format_pairs(pairs)
-

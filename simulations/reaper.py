@@ -12,11 +12,14 @@ of the clean-up, so that one landing there cannot cut it short.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 
@@ -63,16 +66,44 @@ def _terminate(procs: Iterable[psutil.Process], kill: bool = False) -> None:
             continue
 
 
-def stop_descendants(grace_s: float = GRACE_S) -> None:
-    """End every descendant of this process by PID: SIGTERM, then SIGKILL after ``grace_s``."""
-    me = psutil.Process()
-    procs = me.children(recursive=True)
+def stop_descendants(grace_s: float = GRACE_S, spare: Iterable[int] = ()) -> None:
+    """End every descendant of this process by PID (but those in ``spare``): SIGTERM, then
+    SIGKILL after ``grace_s``."""
+    me, spared = psutil.Process(), set(spare)
+    procs = [p for p in me.children(recursive=True) if p.pid not in spared]
     _terminate(procs)
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
     # a process may have started children while being stopped: take them along
-    alive += [p for p in me.children(recursive=True) if p not in alive]
+    alive += [p for p in me.children(recursive=True) if p not in alive and p.pid not in spared]
     _terminate(alive, kill=True)
     psutil.wait_procs(alive, timeout=grace_s)
+
+
+def carrying(variable: str, value: str) -> list[psutil.Process]:
+    """Processes whose environment has ``variable=value`` (those this user may read): every
+    process a launcher started, however Flower detached it, inherits the launcher's token."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(variable) == value:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def kill_carrying(variable: str, value: str, rounds: int = 20) -> int:
+    """SIGKILL every process carrying ``variable=value`` until none is left (a process may
+    start others while its siblings die); how many were killed."""
+    killed = 0
+    for _ in range(rounds):
+        procs = carrying(variable, value)
+        if not procs:
+            break
+        _terminate(procs, kill=True)
+        psutil.wait_procs(procs, timeout=1.0)
+        killed += len(procs)
+    return killed
 
 
 def raise_interrupted(signum: int, _frame: object) -> None:
@@ -112,3 +143,32 @@ def ignore_stop_signals(mask: set[signal.Signals]) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # a pending signal set to SIG_IGN is dropped
     restore_signal_mask(mask)
+
+
+Watchdog = subprocess.Popen  # python -m simulations.watchdog, its stdin a pipe from here
+
+
+def start_watchdog(token: str, home: Path) -> Watchdog:
+    """:mod:`simulations.watchdog` in a session of its own, told through a pipe that this
+    process is alive; it ends the run's processes if this one dies without saying done."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulations.watchdog", token, str(home)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def dismiss_watchdog(watchdog: Watchdog | None) -> None:
+    """Tell the watchdog the run was cleaned up; it exits. Never raises."""
+    if watchdog is None:
+        return
+    try:
+        assert watchdog.stdin is not None
+        watchdog.stdin.write(b"done")
+        watchdog.stdin.close()
+        watchdog.wait(timeout=GRACE_S)
+    except (OSError, subprocess.TimeoutExpired):
+        watchdog.kill()

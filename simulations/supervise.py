@@ -32,6 +32,7 @@ to resume).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -40,19 +41,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from adc_flwr.config import ConfigError
+import psutil
+
+from adc_flwr.config import ConfigError, run_name_problem
 from adc_flwr.run.files import RunDirError
+from adc_flwr.run.lock import TOKEN_ENV, RunLock
 from adc_flwr.run.resume import FINISHED
 from adc_flwr.run.run_dir import SUMMARY_FILE, RunDir
 from adc_flwr.run.summary import summary_from_checkpoint
 from simulations.preflight import check_apart, parse_pairs, pinned_run_config, run_location
 from simulations.reaper import (
     Interrupted,
+    Watchdog,
     become_subreaper,
     block_stop_signals,
+    dismiss_watchdog,
     handle_stop_signals,
     ignore_stop_signals,
+    kill_carrying,
     restore_signal_mask,
+    start_watchdog,
     stop_descendants,
 )
 
@@ -107,6 +115,9 @@ def main(job: Job, run_config: str, federation_config: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     out_dir, run_name = run_location(pairs, ROOT / "results")
+    if problem := run_name_problem(run_name):  # before it becomes part of a path
+        print(f"error: run name {run_name!r} (run-name or RUN_NAME) {problem}", file=sys.stderr)
+        return EXIT_INVALID
     run_dir = Path(out_dir).expanduser().resolve() / run_name
     try:
         return supervise(job, run_config, federation_config, run_dir)
@@ -118,31 +129,58 @@ def main(job: Job, run_config: str, federation_config: str) -> int:
 
 
 def supervise(job: Job, run_config: str, federation_config: str, run_dir: Path) -> int:
-    """Check, run ``job``, clean up and judge, as the module docstring says; the exit status."""
+    """Check, take the run directory's lock, run ``job``, clean up and judge, as the module
+    docstring says; the exit status."""
     try:
         state = check_apart(run_config, federation_config, str(run_dir.parent), run_dir.name)
         pinned = pinned_run_config(run_config, run_dir)
     except (ConfigError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except Exception as exc:  # a check that broke: still one line, still before Flower
+        print(f"error: the checks failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     if state == FINISHED:
         print(f"run {run_dir.name} already completed: {run_dir / SUMMARY_FILE}")
         return 0
-    if not become_subreaper():
-        print("warning: not a child subreaper; a process Flower detaches may survive the run")
+    lock, token = RunLock(run_dir), f"{os.getpid()}-{secrets.token_hex(8)}"
+    try:
+        lock.acquire(token)
+    except RunDirError as exc:  # busy, or the directory cannot be written
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        # a launcher killed with -9 may have left its run's processes and private directory
+        if lock.previous is not None and kill_carrying(TOKEN_ENV, lock.previous.token):
+            print(f"stopped what was left of the run of {lock.previous} (its launcher died)")
+        remove_stale_homes(job.prefix)
+        os.environ[TOKEN_ENV] = token  # every process the run starts inherits it
+        if not become_subreaper():
+            print("warning: not a child subreaper; a process Flower detaches may survive the run")
+        return run_supervised(job, pinned, run_dir, token)
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
+        lock.release()
+
+
+def run_supervised(job: Job, run_config: str, run_dir: Path, token: str) -> int:
+    """The run itself, with the lock held: ``job`` in a private directory, a watchdog for
+    the launcher's death, every process ended by PID at the end, the verdict."""
     interrupted: Interrupted | None = None
     failure: StartFailed | None = None
+    watchdog: Watchdog | None = None
     logs: list[str] = []
     since = time.time_ns()
     # stop signals are held from here until their handler is in place, and again from the
     # end of the run to the end of the clean-up, so none can cut either short
     mask = block_stop_signals()
-    home = Path(tempfile.mkdtemp(prefix=job.prefix))
+    home = Path(tempfile.mkdtemp(prefix=f"{job.prefix}{os.getpid()}."))
     try:
         try:
+            watchdog = start_watchdog(token, home)
             handle_stop_signals()
             restore_signal_mask(mask)  # one that came meanwhile raises Interrupted here
-            job.run(home, pinned)
+            job.run(home, run_config)
         finally:
             block_stop_signals()  # or raises the Interrupted of one that came just before
     except Interrupted as exc:
@@ -151,16 +189,25 @@ def supervise(job: Job, run_config: str, federation_config: str, run_dir: Path) 
         failure = exc
     finally:
         try:
-            stop_descendants()
+            stop_descendants(spare=() if watchdog is None else (watchdog.pid,))
             logs = keep_logs(job.logs(home), run_dir, since, interrupted is not None)
         finally:
             shutil.rmtree(home, ignore_errors=True)
+            dismiss_watchdog(watchdog)
             ignore_stop_signals(mask)  # the verdict is written whatever comes
     if failure is not None and interrupted is None:
         kept = f"\nFlower's logs: {', '.join(str(run_dir / log) for log in logs)}" if logs else ""
         print(f"error: {job.what} did not start: {failure}{kept}", file=sys.stderr)
         return EXIT_FAILED
     return verdict(run_dir, since, interrupted, logs)
+
+
+def remove_stale_homes(prefix: str) -> None:
+    """Private directories (``<prefix><pid>.*`` in the temp folder) whose launcher is gone."""
+    for home in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        pid = home.name.removeprefix(prefix).split(".", 1)[0]
+        if home.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def fresh_summary(run_dir: Path, since_ns: int) -> dict | None:

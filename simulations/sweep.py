@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -47,6 +48,7 @@ from simulations.preflight import format_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ("inprocess", "flwr")
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 POINT_LINE = "[{i:>{w}}/{n}] {name:<24} {status:<9} acc {acc}  {mb:>9} MB  {secs:>7.1f} s  {note}"
 
 
@@ -55,7 +57,7 @@ class PointResult:
     """What happened to one point of a sweep."""
 
     point: Point
-    status: str  # completed, skipped, failed
+    status: str  # completed, skipped, or the run's own: failed, interrupted
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -111,7 +113,7 @@ def run_point_flwr(
         assert proc.stdout is not None
         for line in proc.stdout:  # streamed: a long point shows its rounds as they finish
             progress(line.rstrip("\n"))
-            tail.append(line.strip())
+            tail.append(plain(line).strip())
         proc.wait()
     except BaseException:  # Ctrl-C in the sweep: stop the point's run, then stop
         proc.terminate()
@@ -192,13 +194,13 @@ def run_sweep(
             )
             result = _run_point(point, out_dir, runner, nodes, inner, point_timeout)
             results.append(result)
-            counts[result.status] += 1
+            counts[result.status if result.status in ("completed", "skipped") else "failed"] += 1
             if result.status != "skipped":
                 record["results"][point.name] = {"status": result.status, "error": result.error}
                 atomic_write_json(out_dir / SWEEP_FILE, record)
             progress(_point_line(i, n, result))
             bar.update()
-    failed = [r for r in results if r.status == "failed"]
+    failed = [r for r in results if r.status not in ("completed", "skipped")]
     done, skipped = counts["completed"], counts["skipped"]
     progress(f"{experiment.name}: {done} ran, {skipped} skipped, {len(failed)} failed")
     for r in failed:
@@ -224,28 +226,46 @@ def _run_point(
     inner: Callable[[str], None],
     point_timeout: float = 0.0,
 ) -> PointResult:
+    """Run one point; its status is the one its run's summary gives, whenever the attempt
+    wrote one (``failed``, ``interrupted``), so the sweep's records and the run agree."""
     cfg = point.config(out_dir)
-    started = time.perf_counter()
+    run_dir = RunDir(cfg.run_dir)
+    started, since = time.perf_counter(), time.time_ns()
+    error = None
     try:
         # the decision every run makes: another config there is refused, finished is skipped
-        if run_state(RunDir(cfg.run_dir), cfg.to_run_config()) == FINISHED:
-            return PointResult(point, "skipped", summary=RunDir(cfg.run_dir).read_summary() or {})
+        if run_state(run_dir, cfg.to_run_config()) == FINISHED:
+            return PointResult(point, "skipped", summary=run_dir.read_summary() or {})
         if runner == "flwr":
-            summary = run_point_flwr(cfg, nodes, inner, point_timeout)
+            run_point_flwr(cfg, nodes, inner, point_timeout)
         else:
-            summary = run_point_inprocess(cfg, nodes, inner)
+            run_point_inprocess(cfg, nodes, inner)
     except Exception as exc:  # a failed point must not end the sweep
-        return PointResult(
-            point,
-            "failed",
-            seconds=time.perf_counter() - started,
-            error=f"{type(exc).__name__}: {exc}",
-        )
+        error = f"{type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - started
-    if summary.get("status") != "completed":
-        error = summary.get("error") or "no completed summary.json"
-        return PointResult(point, "failed", seconds, summary, error)
-    return PointResult(point, "completed", seconds, summary)
+    summary = _fresh_summary(run_dir, since)
+    status = summary.get("status", "failed")
+    if status == "completed" and error is None:
+        return PointResult(point, "completed", seconds, summary)
+    said = summary.get("error")
+    error = "; ".join(dict.fromkeys(e for e in (error, said) if e)) or "no completed summary.json"
+    status = "failed" if status == "completed" else status
+    return PointResult(point, status, seconds, summary, plain(error))
+
+
+def _fresh_summary(run_dir: RunDir, since_ns: int) -> dict[str, Any]:
+    """The summary this attempt wrote ({} when it wrote none, or it cannot be read)."""
+    try:
+        if run_dir.summary_path.stat().st_mtime_ns < since_ns:
+            return {}
+        return run_dir.read_summary() or {}
+    except (OSError, RunDirError):
+        return {}
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (Flower colours its log lines): files get words."""
+    return ANSI_CODE.sub("", text)
 
 
 def _point_line(i: int, n: int, result: PointResult) -> str:
@@ -255,7 +275,7 @@ def _point_line(i: int, n: int, result: PointResult) -> str:
         s.get(k) or 0
         for k in ("bytes_up_act", "bytes_up_targets", "bytes_down_grad", "bytes_model_sync")
     )
-    note = result.error if result.status == "failed" else (s.get("stop_reason") or "")
+    note = result.error if result.error else (s.get("stop_reason") or "")
     return POINT_LINE.format(
         i=i,
         w=len(str(n)),
@@ -331,8 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = collect(out_dir)
     print(f"\n{len(table)} runs in {out_dir / TABLE_FILE}\n")
     print(markdown_pivot(table))
-    return 1 if any(r.status == "failed" for r in results) else 0
-
+    return 1 if any(r.status not in ("completed", "skipped") for r in results) else 0
 
 
 if __name__ == "__main__":

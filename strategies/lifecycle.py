@@ -8,6 +8,8 @@ when the same run directory is used again; a finished run is not redone.
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 import traceback
 from collections.abc import Callable
@@ -23,10 +25,12 @@ from adc_flwr.config import RunConfig
 from adc_flwr.data import ImageSplit, load_data
 from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import build_model, split_vit
+from adc_flwr.run.files import RunDirError
+from adc_flwr.run.lock import TOKEN_ENV, RunLock
 from adc_flwr.run.resume import FINISHED, NEW, RESUME, resumable_checkpoint, run_state
 from adc_flwr.run.run_dir import RunDir
 from adc_flwr.run.summary import run_summary
-from adc_flwr.run.validation import validate_run
+from adc_flwr.run.validation import check_out_root, validate_run
 from adc_flwr.training.device import resolve_device
 from adc_flwr.training.modules import (
     client_modules,
@@ -95,13 +99,32 @@ def run_training(
 ) -> dict[str, Any]:
     """Run (or resume) ``cfg`` on ``grid``; returns the summary written to ``summary.json``.
 
-    A directory holding another run is refused (:func:`run_state`), a damaged one too
-    (:func:`resumable_checkpoint`), both before anything is written; a finished run is not
-    redone; then the config is validated (:func:`validate_run`). A failure, at start-up or
+    One writer per run directory: one another process holds is refused (:class:`RunLock`),
+    unless it is the launcher that started this process. A directory holding another run is
+    refused (:func:`run_state`), a damaged one too (:func:`resumable_checkpoint`), all before
+    anything is written; a finished run is not redone; then the config is validated
+    (:func:`validate_run`). A failure, at start-up or
     later, writes a ``failed`` summary, Ctrl-C an ``interrupted`` one (both resumable), then
     re-raises.
     """
+    check_out_root(cfg)  # before anything is made there
     run_dir = RunDir(cfg.run_dir)
+    lock = RunLock(run_dir.path)
+    launcher = os.environ.get(TOKEN_ENV, "")  # the token of the launcher that started us
+    holder = lock.held_elsewhere()
+    if holder is not None and not (launcher and holder.token == launcher):
+        raise lock.busy()  # another run writes there: touch nothing
+    if holder is None:  # no launcher holds it for us: this process is the one writer
+        lock.acquire(launcher or f"{os.getpid()}-{secrets.token_hex(8)}")
+    try:
+        return _run_locked(grid, cfg, run_dir, progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    grid: Grid, cfg: RunConfig, run_dir: RunDir, progress: Callable[[str], None]
+) -> dict[str, Any]:
     state = run_state(run_dir, cfg.to_run_config())
     if state == FINISHED:
         progress(f"{run_dir.path} already finished; move it away or pick another run-name")
@@ -136,11 +159,14 @@ def run_training(
             summary = run_summary(status, [], Traffic(), None, error=error)
         else:
             summary = _summary(strategy, status, error=error)
-        run_dir.write_summary(summary)
-        run_dir.close()
         progress(f"run {status}: {error}")
         if not interrupted:
             traceback.print_exc()
+        try:
+            run_dir.write_summary(summary)
+            run_dir.close()
+        except RunDirError as also:  # a full disk fails the summary too: say both
+            progress(f"the {status} summary could not be written either: {also}")
         raise
     summary = _summary(strategy, "completed", stop_reason=strategy.stop_reason)
     run_dir.write_summary(summary)
@@ -154,6 +180,8 @@ def run_training(
 
 def _summary(strategy: SplitLearningStrategy, status: str, **extra: Any) -> dict[str, Any]:
     extra.setdefault("sim_time_s", strategy.clients.clock.now)
+    extra.setdefault("clients_missed", list(strategy.recorder.missed.values()))
+    extra.setdefault("batch_clamped", strategy.clients.batch_clamped)
     return run_summary(
         status, strategy.history, strategy.ledger.total(), strategy.elapsed(), **extra
     )

@@ -14,9 +14,12 @@ from typing import Any
 
 from adc_flwr.config import RunConfig
 from adc_flwr.run.run_dir import RunDir
+from adc_flwr.run.summary import ERROR, TIMEOUT, UNAVAILABLE
 from adc_flwr.wire.accounting import TrafficLedger
 from strategies.outcomes import RoundOutcome, round_line
 from strategies.simulated_clients import SimulatedClients
+
+REAL_FAILURES = (ERROR, TIMEOUT, UNAVAILABLE)  # not the simulated population's drops
 
 
 @dataclass(eq=False)
@@ -29,6 +32,8 @@ class RunRecorder:
     clients: SimulatedClients
     progress: Callable[[str], None]
     history: list[dict[str, Any]] = field(default_factory=list)
+    # clients that failed for real (raised, timed out, node gone): partition -> what it missed
+    missed: dict[int, dict[str, Any]] = field(default_factory=dict)
     wall_offset: float = 0.0  # wall seconds of earlier processes (resume)
     first_round: int = 1  # the first round this process runs (for the ETA)
     _wall_start: float = field(default_factory=time.perf_counter)
@@ -73,6 +78,11 @@ class RunRecorder:
         self, server_round: int, step: int, outcome: RoundOutcome, accuracy: float, loss: float
     ) -> dict[str, float]:
         """The round's ``history`` row and ``clients.csv`` rows (fsynced), then its line."""
+        for partition, failure in sorted(outcome.failures.items()):
+            if failure.reason in REAL_FAILURES:
+                entry = self.missed.setdefault(partition, {"partition": partition, "rounds": []})
+                entry["rounds"].append(server_round)
+                entry["reason"] = f"{failure.reason}: {failure.detail}"
         row = outcome.row(server_round, accuracy, loss, self.ledger.total())
         row |= {"steps": step, "wall_time_s": self.elapsed(), "sim_time_s": self.clients.clock.now}
         self.history.append(row)

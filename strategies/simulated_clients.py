@@ -21,12 +21,13 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from adc_flwr.config import RunConfig, nominal_level
-from adc_flwr.data import write_partition_counts
+from adc_flwr.data import run_partitions, write_partition_counts
 from adc_flwr.model.flops import StepFlops
 from adc_flwr.population.clock import SimClock, Turn
 from adc_flwr.population.profiles import Population, assign_profiles, write_profiles
 from adc_flwr.run.run_dir import PARTITIONS_FILE, PROFILES_FILE, RunDir
 from adc_flwr.run.summary import DROPPED_OUT, STRAGGLER
+from adc_flwr.run.validation import partitions_below_batch
 from adc_flwr.wire.codec import record_nbytes
 
 FINISHED = "finished"
@@ -76,6 +77,7 @@ class SimulatedClients:
         self.xi: dict[int, float] = {}  # this round's ξ per sampled client
         self.steps: dict[int, int] = {}  # steps each client took this round
         self.to_stop: set[int] = set()  # cut this round; their nodes still hold round state
+        self.batch_clamped: dict[str, int] = {}  # partitions smaller than a batch (setup)
 
     # ---- population ---------------------------------------------------------------------
 
@@ -89,6 +91,8 @@ class SimulatedClients:
         )
         self.population = Population(profiles, self.cfg.seed)
         self.clock.population = self.population
+        sizes = [len(p) for p in run_partitions(self.cfg, num_partitions)]
+        self.batch_clamped = partitions_below_batch(self.cfg.batch_size, sizes)
         if self.run_dir is not None:
             write_profiles(self.run_dir.path / PROFILES_FILE, profiles)
             write_partition_counts(self.run_dir.path / PARTITIONS_FILE, self.cfg, num_partitions)

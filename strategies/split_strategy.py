@@ -385,6 +385,7 @@ class SplitLearningStrategy(Strategy):
             "ledger": self.ledger.state_dict(),
             "batches_done": dict(self.engine.batches_done),
             "history": list(self.history),
+            "missed": list(self.recorder.missed.values()),
             "sampler_state": list(self.sampler.state_dict()),
             "torch_rng": torch.get_rng_state(),
             "channel_rng": None if channel is None else channel.state_dict(),  # noise position
@@ -403,6 +404,8 @@ class SplitLearningStrategy(Strategy):
         self.ledger.load_state_dict(state["ledger"])
         self.engine.batches_done = {int(k): int(v) for k, v in state["batches_done"].items()}
         self.recorder.history[:] = list(state["history"])
+        # clients that failed for real in earlier rounds (absent from older checkpoints)
+        self.recorder.missed = {int(m["partition"]): dict(m) for m in state.get("missed", [])}
         self.sampler.load_state_dict(state["sampler_state"])
         torch.set_rng_state(state["torch_rng"])
         if self.server.channel is not None and state.get("channel_rng") is not None:

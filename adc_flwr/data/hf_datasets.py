@@ -7,6 +7,7 @@ headers; pixels are decoded later, row by row, by :class:`LazyImages`.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -65,6 +66,7 @@ def load_hf_style(
             if not path.is_dir():
                 raise DataError(f"dataset='imagefolder:{target}': {path} is not a folder.")
             args = {"path": "imagefolder", "data_dir": str(path)}
+            _report_skipped_files(path)
         what = f"{kind} data at {path}"
     try:
         with warnings.catch_warnings(), _quiet_datasets():
@@ -115,6 +117,36 @@ def _hub_offline_help(hub_id: str, detail: str) -> str:
         "dataset='parquet:<dir or file>' or 'imagefolder:<dir>' (local files go through "
         "the same loader, offline)."
     )
+
+
+class SkippedFilesWarning(UserWarning):
+    """An image folder holds files that are not images; they are not loaded."""
+
+
+def _report_skipped_files(folder: Path) -> None:
+    """``datasets``' imagefolder leaves out files without an image extension silently; say
+    which (a metadata file excepted), so that no sample goes missing unnoticed."""
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+    known = {ext.lower() for ext in IMAGE_EXTENSIONS}
+    skipped = sorted(
+        str(f.relative_to(folder))
+        for f in folder.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() not in known
+        and not f.name.startswith(".")
+        and f.stem != "metadata"
+    )
+    if skipped:
+        listed = ", ".join(skipped[:5]) + (
+            f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        )
+        warnings.warn(
+            f"imagefolder {folder}: {len(skipped)} file(s) are not images and are not loaded: "
+            f"{listed}",
+            SkippedFilesWarning,
+            stacklevel=2,
+        )
 
 
 def _check_hub_reachable(hub_id: str) -> None:
@@ -176,25 +208,67 @@ def _from_dataset_dict(dsd: Any, what: str) -> tuple[ImageSplit, ImageSplit, lis
 def _encode_labels(
     parts: Sequence[Any], column: str, feature: Any, what: str
 ) -> tuple[list[str], list[np.ndarray]]:
-    """Class names and int64 labels per part (the label column only: no image is read)."""
+    """Class names and int64 labels per part (the label column only: no image is read).
+
+    A ClassLabel column keeps its names and must stay within them; a plain column must hold
+    integers (classes ``0..max``) or strings (classes sorted by name), never a null, NaN or
+    fraction: each is a :class:`DataError` naming the column, split and row."""
     import datasets
 
     raw_labels = [_column(p, column) for p in parts]
+    for part, values in enumerate(raw_labels):
+        for row, value in enumerate(values):
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                raise DataError(
+                    f"{what}: column {column!r} has no label in row {row} of split {part} "
+                    f"({value!r}): drop or label such rows"
+                )
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
         encoded = [np.asarray(r, dtype=np.int64) for r in raw_labels]
     else:
         values = [v for r in raw_labels for v in r]
-        if all(isinstance(v, (int, np.integer)) for v in values):
-            encoded = [np.asarray(r, dtype=np.int64) for r in raw_labels]
-            names = [str(i) for i in range(int(max(values, default=-1)) + 1)]
-        else:
-            names = sorted({str(v) for v in values})
+        if all(_is_integral(v) for v in values):
+            encoded = [np.asarray([int(v) for v in r], dtype=np.int64) for r in raw_labels]
+            names = [str(i) for i in range(_max_label(encoded) + 1)]
+        elif all(isinstance(v, str) for v in values):
+            names = sorted(set(values))
             lookup = {n: i for i, n in enumerate(names)}
-            encoded = [np.asarray([lookup[str(v)] for v in r], dtype=np.int64) for r in raw_labels]
-    if any(int(e.min(initial=0)) < 0 for e in encoded):
-        raise DataError(f"{what}: column {column!r} holds negative labels (unlabelled rows?).")
+            encoded = [np.asarray([lookup[v] for v in r], dtype=np.int64) for r in raw_labels]
+        else:
+            part, row, value = next(
+                (p, i, v)
+                for p, r in enumerate(raw_labels)
+                for i, v in enumerate(r)
+                if not (_is_integral(v) or isinstance(v, str))
+            )
+            raise DataError(
+                f"{what}: column {column!r} holds {value!r} in row {row} of split {part}: "
+                "labels are integers (class ids) or strings (class names), not fractions or "
+                "a mix of both"
+            )
+    for part, labels in enumerate(encoded):
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
+            row = int(np.flatnonzero((labels < 0) | (labels >= len(names)))[0])
+            raise DataError(
+                f"{what}: column {column!r} holds label {int(labels[row])} in row {row} of "
+                f"split {part}, outside the {len(names)} classes 0..{len(names) - 1} "
+                "(negative: unlabelled rows?)"
+            )
     return names, encoded
+
+
+def _is_integral(value: Any) -> bool:
+    """An int (not a bool), or a float with no fractional part (3.0 from a float column)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+
+
+def _max_label(encoded: list[np.ndarray]) -> int:
+    return max((int(e.max()) for e in encoded if e.size), default=-1)
 
 
 def _column(ds: Any, name: str) -> list[Any]:
@@ -203,4 +277,6 @@ def _column(ds: Any, name: str) -> list[Any]:
 
 
 def _numeric_column(ds: Any, column: str, what: str) -> np.ndarray:
-    return numeric_images(np.asarray(ds.with_format("numpy")[:][column]), what)
+    return numeric_images(
+        np.asarray(ds.with_format("numpy")[:][column]), f"{what}, column {column!r}"
+    )

@@ -62,15 +62,15 @@ def plan_decoding(tables: Sequence[Any], what: str) -> DecodePlan:
     """
     modes: set[str] = set()
     sizes: collections.Counter[tuple[int, int]] = collections.Counter()
-    try:
-        for table in tables:
-            for start in range(0, len(table), _HEADER_BATCH):
-                for item in _items(table, slice(start, start + _HEADER_BATCH)):
+    for part, table in enumerate(tables):
+        for start in range(0, len(table), _HEADER_BATCH):
+            for row, item in enumerate(_items(table, slice(start, start + _HEADER_BATCH)), start):
+                try:
                     with open_image(item) as im:
                         modes.add(im.mode)
                         sizes[im.size] += 1
-    except (OSError, ValueError) as exc:  # PIL: unknown or unreadable files
-        raise DataError(f"{what}: an image cannot be read: {exc}") from exc
+                except (OSError, ValueError) as exc:  # PIL: unknown or unreadable files
+                    raise unreadable(what, item, row, part, exc) from exc
     if not sizes:
         raise DataError(f"{what} holds no images.")
     mode = "L" if modes <= _GRAY_MODES else "RGB"
@@ -132,11 +132,12 @@ class LazyImages:
         p = self._plan
         out = np.empty((len(rows), p.side, p.side, p.channels), dtype=np.uint8)
         if len(rows):
-            try:
-                for i, item in enumerate(_items(self._table, self._rows[rows].tolist())):
+            table_rows = self._rows[rows].tolist()
+            for i, item in enumerate(_items(self._table, table_rows)):
+                try:
                     out[i] = _decode(item, p)
-            except (OSError, ValueError) as exc:  # PIL: truncated or unknown files
-                raise DataError(f"{self._what}: an image cannot be read: {exc}") from exc
+                except (OSError, ValueError) as exc:  # PIL: truncated or unknown files
+                    raise unreadable(self._what, item, table_rows[i], None, exc) from exc
         return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -157,6 +158,15 @@ def _items(table: Any, key: slice | list[int]) -> list[dict[str, Any]]:
     return table[key].column(0).to_pylist()
 
 
+def unreadable(
+    what: str, item: dict[str, Any], row: int, part: int | None, exc: Exception
+) -> DataError:
+    """An image that cannot be read, named by its file (or row) and PIL's reason."""
+    where = f"file {item['path']}" if item.get("path") else f"row {row}"
+    split = "" if part is None else f" of split {part}"
+    return DataError(f"{what}: the image in {where}{split} cannot be read: {exc}")
+
+
 def open_image(item: dict[str, Any]) -> Any:
     from PIL import Image
 
@@ -165,6 +175,14 @@ def open_image(item: dict[str, Any]) -> Any:
 
 def numeric_images(arr: np.ndarray, what: str) -> np.ndarray:
     """Array columns: (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or floats in [0, 1]."""
+    if arr.dtype.kind not in "biuf":  # strings, structs, ragged lists: not pixel arrays
+        first = arr.reshape(-1)[0] if arr.size else None
+        first = first.item() if isinstance(first, np.generic) else first  # np.str_ -> str
+        raise DataError(
+            f"{what}: the image column holds {type(first).__name__} values (row 0: "
+            f"{str(first)[:60]!r}), not images: store images as an Image feature (encoded "
+            "bytes or paths) or as numeric arrays of one square size"
+        )
     if arr.dtype.kind == "f":
         scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
         arr = np.rint(np.clip(arr * scale, 0.0, 255.0))

@@ -90,24 +90,24 @@ def _load_fashion_mnist(data_dir: str) -> tuple[ImageSplit, ImageSplit]:
             files = {stem: _find_idx(folder, stem) for stem in _IDX_STEMS}
         except FileNotFoundError:
             continue
-        try:
-            train = ImageSplit(
-                _read_idx(files["train-images-idx3-ubyte"])[:, None],
-                _read_idx(files["train-labels-idx1-ubyte"]).astype(np.int64),
+        arrays = {
+            stem: _read_idx(path, ndim=3 if "images" in stem else 1) for stem, path in files.items()
+        }
+        splits = []
+        for prefix in ("train", "t10k"):
+            images, labels = (
+                arrays[f"{prefix}-images-idx3-ubyte"],
+                arrays[f"{prefix}-labels-idx1-ubyte"],
             )
-            test = ImageSplit(
-                _read_idx(files["t10k-images-idx3-ubyte"])[:, None],
-                _read_idx(files["t10k-labels-idx1-ubyte"]).astype(np.int64),
-            )
-        except (OSError, ValueError, EOFError) as exc:
-            raise DataError(f"{_fashion_mnist_help(where)} Reading {folder} failed: {exc}") from exc
-        for split in (train, test):
-            if split.images.shape[0] != split.labels.shape[0]:
+            if images.shape[0] != labels.shape[0]:
                 raise DataError(
-                    f"{_fashion_mnist_help(where)} In {folder} the image and label files "
-                    "disagree on the number of samples."
+                    f"Fashion-MNIST IDX files are damaged: {files[f'{prefix}-images-idx3-ubyte']} "
+                    f"holds {images.shape[0]} images but "
+                    f"{files[f'{prefix}-labels-idx1-ubyte']} {labels.shape[0]} labels. "
+                    "Reinstall dataset-fashion-mnist or fix data-dir"
                 )
-        return train, test
+            splits.append(ImageSplit(images[:, None], labels.astype(np.int64)))
+        return splits[0], splits[1]
     raise DataError(_fashion_mnist_help(where))
 
 
@@ -129,19 +129,35 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(folder / stem)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file of unsigned bytes (magic 0x00000800 | ndim)."""
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes (magic 0x00000800 | ndim); :class:`DataError`
+    naming the file and what is wrong with it when it is damaged."""
+
+    def damaged(what: str) -> DataError:
+        return DataError(
+            f"Fashion-MNIST IDX file {path} is damaged: {what}. Reinstall "
+            "dataset-fashion-mnist (`apt-get install --reinstall dataset-fashion-mnist`) or "
+            "point data-dir at intact files"
+        )
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # gzip garbage, a truncated .gz, unreadable
+        raise damaged(f"it cannot be read ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
+        got = raw[:4].hex() if len(raw) >= 4 else f"{len(raw)} bytes"
+        raise damaged(f"its magic number is {got}, not 0000080{ndim} (unsigned bytes, {ndim}-D)")
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise damaged(f"it ends inside its header ({len(raw)} bytes)")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     data = np.frombuffer(raw, dtype=np.uint8, offset=header)
     if data.size != math.prod(shape):
-        raise ValueError(f"{path} is truncated: expected {math.prod(shape)} bytes of data")
+        raise damaged(
+            f"its header promises {shape} = {math.prod(shape)} bytes of data, it holds {data.size}"
+        )
     return data.reshape(shape).copy()
 
 

@@ -63,7 +63,13 @@ def make_bundle(
     class_names: list[str],
     stats: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> DataBundle:
-    """Freeze the arrays (one bundle is shared by everyone in the process) and describe them."""
+    """Freeze the arrays (one bundle is shared by everyone in the process) and describe them.
+
+    Raises :class:`DataError` when a split holds a label outside ``0..len(class_names)-1``
+    (a damaged file, or labels the class names do not cover): before training, not in it.
+    """
+    for name, split in (("train", train), ("test", test)):
+        check_labels(split.labels, len(class_names), f"the {name} split")
     for split in (train, test):
         if isinstance(split.images, np.ndarray):
             split.images.setflags(write=False)
@@ -79,6 +85,20 @@ def make_bundle(
         mean=mean,
         std=std,
     )
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """:class:`DataError` naming ``where``, the first bad row and value when a label lies
+    outside ``[0, num_classes)``, or the split is empty."""
+    if labels.size == 0:
+        raise DataError(f"{where} holds no samples")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(
+            f"{where} holds {bad.size} label(s) outside 0..{num_classes - 1} (the "
+            f"{num_classes} classes), first at row {row}: {int(labels[row])}"
+        )
 
 
 def carve_test(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

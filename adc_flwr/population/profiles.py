@@ -20,14 +20,16 @@ from statistics import NormalDist
 
 import numpy as np
 
-# the rule each numeric column obeys (also the text of the error that names it)
-_RULES = {
-    "uplink_mbps": "> 0",
-    "downlink_mbps": "> 0",
-    "latency_s": ">= 0",
-    "gflops": "> 0",
-    "availability": "in [0, 1]",
-    "dropout": "in [0, 1]",
+# the physical range each numeric column must lie in, as (low, high, text of the rule):
+# links up to 100 Gbit/s, a one-way latency under a minute, devices from a microcontroller
+# (1 MFLOP/s) to a large GPU (1 PFLOP/s); a value outside is a typo in a trace, not a client
+_RULES: dict[str, tuple[float, float, str]] = {
+    "uplink_mbps": (0.0, 1e5, "in (0, 100000] Mbit/s (up to 100 Gbit/s)"),
+    "downlink_mbps": (0.0, 1e5, "in (0, 100000] Mbit/s (up to 100 Gbit/s)"),
+    "latency_s": (0.0, 60.0, "in [0, 60) s"),
+    "gflops": (1e-3, 1e6, "in [0.001, 1000000] GFLOP/s"),
+    "availability": (0.0, 1.0, "in [0, 1]"),
+    "dropout": (0.0, 1.0, "in [0, 1]"),
 }
 MIXES: tuple[str, ...] = ("uniform", "edge", "lognormal")
 TRACE_COLUMNS: tuple[str, ...] = ("name", *_RULES)
@@ -38,10 +40,12 @@ class ProfileError(ValueError):
 
 
 def _obeys(column: str, value: float) -> bool:
-    rule = _RULES[column]
-    if rule == "> 0":
-        return value > 0
-    return value >= 0 if rule == ">= 0" else 0 <= value <= 1
+    low, high, _ = _RULES[column]
+    if column.endswith("_mbps"):
+        return low < value <= high
+    if column == "latency_s":
+        return low <= value < high
+    return low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class ClientProfile:
         for column in _RULES:
             value = float(getattr(self, column))
             if not (math.isfinite(value) and _obeys(column, value)):
-                rule = f"must be finite and {_RULES[column]}"
+                rule = f"must be finite and {_RULES[column][2]}"
                 raise ProfileError(f"client profile {self.name!r}: {column} = {value!r} {rule}")
             object.__setattr__(self, column, value)  # ints become floats: one type per column
 
@@ -179,7 +183,7 @@ def _cell(column: str, text: str, where: str) -> str | float:
     if not math.isfinite(value):
         raise ProfileError(f"{where}: {text.strip()!r} is not finite")
     if not _obeys(column, value):
-        raise ProfileError(f"{where}: {value!r} is out of range (must be {_RULES[column]})")
+        raise ProfileError(f"{where}: {value!r} is out of range (must be {_RULES[column][2]})")
     return value
 
 

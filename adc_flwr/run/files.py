@@ -9,6 +9,7 @@ nothing is deleted or rewritten to get past it.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -24,19 +25,48 @@ class RunDirError(RuntimeError):
     """A run directory's file is damaged or does not fit the run; says which and what to do."""
 
 
+def write_error(path: Path, exc: OSError) -> RunDirError:
+    """One line naming the file and the OS's reason (a full disk, a read-only folder, ...)."""
+    reason = exc.strerror or str(exc)
+    return RunDirError(
+        f"{path} cannot be written: {reason}. Nothing half-written was left; free the space or "
+        "fix the folder's permissions and rerun the same command to resume"
+    )
+
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0o666 & ~umask), as ``open``
+    would give it: run files are shared like any other. Read without changing the umask."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux: set and restore
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` into a temp file beside ``path``, fsync, then replace ``path``."""
+    """Write through ``write`` into a temp file beside ``path``, fsync, then replace ``path``;
+    the file gets the mode the umask gives new files. An ``OSError`` becomes a
+    :class:`RunDirError` naming ``path``; the old file stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -89,8 +119,11 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
-    """``torch.save`` into a temp file, then replace ``path``; a failed save changes nothing."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` into memory, then replace ``path`` atomically: a failed save changes
+    nothing, and a full disk is the OS's error naming the file, not torch's."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -98,6 +131,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunDirError(f"{path} cannot be read: {exc.strerror or exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirError(
             f"{path} is damaged (not valid JSON: {exc}). Restore it, or move the run "

@@ -51,9 +51,18 @@ def run_state(run_dir: RunDir, config: Mapping[str, Any]) -> str:
     """:data:`NEW`, :data:`RESUME` or :data:`FINISHED` for running ``config`` in ``run_dir``.
 
     Raises :class:`RunDirError` when the directory holds another run that trained something,
-    or results without a ``config.json`` (damaged files raise from the readers).
+    results without a ``config.json``, or files no run writes without a ``config.json``
+    (someone else's folder, never taken over); damaged files raise from the readers.
     """
     stored = run_dir.read_config()
+    if stored is None and (foreign := run_dir.foreign_files()):
+        listed = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise RunDirError(
+            f"{run_dir.path} holds files that are not a run's ({listed}) and no config.json: it "
+            "is not a run directory; pick another run-name or out-dir"
+        )
     completed = (run_dir.read_summary() or {}).get("status") == "completed"
     progress = has_progress(run_dir, completed)
     if stored is None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,19 @@ PROFILES_FILE = "profiles.csv"
 PARTITIONS_FILE = "partitions.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = ".lock"  # the run's one writer (adc_flwr.run.lock)
+RUN_FILES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    CLIENTS_FILE,
+    PROFILES_FILE,
+    PARTITIONS_FILE,
+    SUMMARY_FILE,
+    CHECKPOINT_FILE,
+    LOCK_FILE,
+)
+# Flower's logs, which the launchers keep in the run directory when a run did not complete
+LOG_FILE = re.compile(r"(superlink|supernode-\d+)\.log")
 
 
 def _check_kind(row: Mapping[str, Any]) -> None:
@@ -122,6 +136,24 @@ class RunDir:
             self.path / METRICS_FILE, METRIC_COLUMNS, atomic_write_text, _check_kind
         )
         self.clients = RoundTable(self.path / CLIENTS_FILE, CLIENT_COLUMNS, atomic_write_text)
+
+    def foreign_files(self) -> list[str]:
+        """Names in the directory that no run writes (sorted): someone else's files. A temp
+        file of an interrupted atomic write (``.<name>.*.tmp``) is a run's."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.path.iterdir()
+            if not (
+                entry.is_file()
+                and (
+                    entry.name in RUN_FILES
+                    or LOG_FILE.fullmatch(entry.name)
+                    or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+                )
+            )
+        )
 
     @property
     def config_path(self) -> Path:
@@ -219,19 +251,24 @@ class RunDir:
     def load_checkpoint(self) -> Any | None:
         """The stored checkpoint, or None.
 
-        Loaded with ``weights_only=True`` when it holds only tensors and plain containers;
-        otherwise (e.g. numpy RNG state) it falls back to full unpickling, which is safe here
-        because this run wrote the file itself.
+        A checkpoint is data, never code: it is read with ``torch.load(weights_only=True)``
+        only (tensors and plain containers; the strategy stores nothing else). A file that
+        loader refuses, a planted pickle among them, is an error naming it, and nothing in it
+        runs.
         """
         if not self.checkpoint_path.exists():
             return None
         try:
             # on the CPU: a GPU run resumes anywhere; load_state_dict moves weights back
-            cpu = torch.device("cpu")
-            try:
-                return torch.load(self.checkpoint_path, map_location=cpu, weights_only=True)
-            except pickle.UnpicklingError:
-                return torch.load(self.checkpoint_path, map_location=cpu, weights_only=False)
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            what = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else "")
+            raise RunDirError(
+                f"{self.checkpoint_path} is not a checkpoint this project wrote: it holds "
+                f"Python objects that are not plain data, and it was not loaded ({what}). "
+                "Move the run directory away (or pick another run-name) to start over"
+            ) from exc
         except Exception as exc:
             raise RunDirError(
                 f"{self.checkpoint_path} cannot be read ({type(exc).__name__}: {exc}). Restore "

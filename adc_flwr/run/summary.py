@@ -7,7 +7,9 @@ null otherwise), ``error`` (what failed or interrupted it; null when completed),
 ``test_accuracy``, ``test_loss``, ``bytes_up_act``, ``bytes_up_targets``, ``bytes_down_grad``,
 ``bytes_model_sync``, ``compression_ratio``, ``wall_time_s`` (null when unknown),
 ``sim_time_s``, ``history`` (one row per round that ran) and ``drops`` (dropped clients per
-reason over those rounds), plus any extra the caller adds.
+reason over those rounds), plus any extra the caller adds: a run's ``clients_missed`` names
+each client that failed for real (raised, timed out, its node gone) with the rounds it
+missed and its last reason.
 
 The drop reasons are the vocabulary of a round's outcomes (``strategies.outcomes``):
 ``error`` (the client raised), ``timeout`` (no reply in time), ``unavailable`` (drawn, but its
@@ -114,4 +116,5 @@ def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[st
         ledger.total(),
         float(checkpoint["wall_time_s"]),
         error=error,
+        clients_missed=list(checkpoint.get("missed", [])),
     )

@@ -8,6 +8,7 @@ rows of an unfinished round are redone, not duplicated. Kept rows stay byte for 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from adc_flwr.run.files import RunDirError
+from adc_flwr.run.files import RunDirError, write_error
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,23 +90,34 @@ class RoundTable:
                 )
             if self._check_row is not None:
                 self._check_row(row)
-        handle, writer = self._open()
-        writer.writerows([{k: _cell(v) for k, v in row.items()} for row in rows])
-        handle.flush()
+        try:
+            handle, writer = self._open()
+            writer.writerows([{k: _cell(v) for k, v in row.items()} for row in rows])
+            handle.flush()
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
 
     def flush(self) -> None:
         """fsync, so that rows written so far survive a machine crash."""
         if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+            try:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+            except OSError as exc:
+                raise write_error(self.path, exc) from exc
 
     def close(self) -> None:
         """fsync and close (a later append reopens)."""
-        if self._handle is not None:
-            self.flush()
-            self._handle.close()
-        self._handle = None
-        self._writer = None
+        handle, self._handle, self._writer = self._handle, None, None
+        if handle is not None:
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as exc:
+                raise write_error(self.path, exc) from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    handle.close()
 
     def read(self) -> pd.DataFrame:
         """All rows so far (an empty frame with the columns before the first row)."""

@@ -12,10 +12,15 @@ the partitioner can split it over ``num_partitions`` clients.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from adc_flwr.config import ConfigError, RunConfig
+
+log = logging.getLogger("adc_flwr")
 
 
 def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = None) -> RunConfig:
@@ -33,6 +38,7 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
     from adc_flwr.training.device import check_precision, resolve_device
 
     cfg = RunConfig.from_run_config(run_config)
+    check_out_root(cfg)
     # a GPU asked for must be there, and run bf16 if asked (ConfigError otherwise)
     check_precision(resolve_device(cfg.device), cfg.precision)
     if cfg.method not in available_methods():
@@ -69,7 +75,7 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
             smallest = cfg.replace(compression=cfg.compression_min)
             build_compressor(smallest, data.num_classes, hidden_size=front.hidden_size)
         if num_partitions is not None:
-            run_partitions(cfg, num_partitions)
+            warn_small_partitions(cfg, [len(p) for p in run_partitions(cfg, num_partitions)])
     except (DataError, ModelError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -92,4 +98,43 @@ def _check_adaptive(cfg: RunConfig, method: type) -> None:
         raise ConfigError(
             f"run-config key 'adaptive-compression' = true: {', '.join(map(repr, given))} "
             f"would fix {cfg.method}'s parameter for every client; leave it at 0"
+        )
+
+
+def partitions_below_batch(batch_size: int, sizes: list[int]) -> dict[str, int]:
+    """How many partitions hold fewer samples than a batch, and the smallest: their
+    clients train on batches of their whole partition (the batch is clamped to it)."""
+    below = [s for s in sizes if s < batch_size]
+    return {"partitions": len(below), "smallest": min(sizes, default=0)}
+
+
+def warn_small_partitions(cfg: RunConfig, sizes: list[int]) -> None:
+    """Say so before the run when ``batch-size`` exceeds some partitions (not an error:
+    thousands of small clients are a study of their own); the summary records it too."""
+    clamp = partitions_below_batch(cfg.batch_size, sizes)
+    if clamp["partitions"]:
+        log.warning(
+            "warning: run-config key 'batch-size' = %d is above %d of %d partition(s) "
+            "(the smallest holds %d samples): their clients train on batches of their whole "
+            "partition; summary.json records it as batch_clamped",
+            cfg.batch_size,
+            clamp["partitions"],
+            len(sizes),
+            clamp["smallest"],
+        )
+
+
+OUT_ROOT_ENV = "ADC_OUT_ROOT"  # set where the ServerApp runs, not by whoever submits a run
+
+
+def check_out_root(cfg: RunConfig) -> None:
+    """:class:`ConfigError` when ``ADC_OUT_ROOT`` is set in this process's environment and
+    the run directory does not lie inside it. The ServerApp writes wherever ``out-dir``
+    points, and on a shared deployment whoever submits a run chooses it: the deployment
+    pins the root in the environment of its SuperLink, which no run config can change."""
+    root = os.environ.get(OUT_ROOT_ENV, "").strip()
+    if root and not cfg.run_dir.is_relative_to(Path(root).expanduser().resolve()):
+        raise ConfigError(
+            f"run-config key 'out-dir' = {cfg.out_dir!r}: this deployment writes runs under "
+            f"{OUT_ROOT_ENV}={root}; the run directory {cfg.run_dir} is outside it"
         )

@@ -194,10 +194,10 @@ def test_unreadable_images_raise_data_error(tmp_path: Path) -> None:
             str(tmp_path / f"{name}.parquet")
         )
     # A truncated file has a valid header: it fails when decoded (the stats sample at load,
-    # or the first access to its row), as a DataError all the same.
-    with pytest.raises(DataError, match="an image cannot be read"):
+    # or the first access to its row), as a DataError naming its row all the same.
+    with pytest.raises(DataError, match=r"the image in row 5 cannot be read: image file is trunc"):
         b = load_data(f"parquet:{tmp_path / 'truncated.parquet'}")
         b.train.images[np.arange(len(b.train))]
         b.test.images[np.arange(len(b.test))]
-    with pytest.raises(DataError, match="an image cannot be read"):  # the header pass
+    with pytest.raises(DataError, match=r"the image in row 0 of split 0 cannot be read"):
         load_data(f"parquet:{tmp_path / 'garbage.parquet'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +124,28 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert torch.equal(loaded["rng"], state["rng"])
 
 
-def test_checkpoint_with_numpy_rng_state_still_loads(tmp_path: Path) -> None:
-    run = RunDir(tmp_path)
-    rng = np.random.default_rng(5)
-    run.save_checkpoint({"np": np.random.get_state(), "gen": rng.bit_generator.state})
-    loaded = run.load_checkpoint()
-    np.random.set_state(loaded["np"])
-    assert loaded["gen"] == rng.bit_generator.state
+class Payload:
+    """What a planted checkpoint may carry: unpickling it runs code (here: makes a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant_checkpoint(run_dir: Path, marker: Path) -> None:
+    """A checkpoint.pt whose loading with full unpickling would run a command."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"round": 1, "payload": Payload(marker)}, run_dir / "checkpoint.pt")
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    plant_checkpoint(tmp_path / "run", marker)
+    with pytest.raises(RunDirError, match=r"checkpoint\.pt is not a checkpoint this project wrote"):
+        RunDir(tmp_path / "run").load_checkpoint()
+    assert not marker.exists()
 
 
 def test_config_and_summary_read_back_as_written(tmp_path: Path) -> None:

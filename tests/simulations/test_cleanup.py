@@ -26,7 +26,8 @@ from simulations.supervise import EXIT_FAILED, EXIT_INTERRUPTED
 class FakeDeployment:
     """What deploy uses of a LocalDeployment: its home, its processes by name, their logs."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        assert env["ADC_OUT_ROOT"] == str(Path(env["OUT_DIR"]).resolve())  # the run's out-dir
         self.home = home
         self.procs: dict[str, None] = {}
         self.cli_env: dict[str, str] = {}
@@ -58,12 +59,21 @@ class FlwrRunFailsEarly:
         return 1
 
 
+WATCHDOG_PID = 4242
+
+
+class FakeWatchdog:
+    pid = WATCHDOG_PID
+
+
 class Record:
-    """How many private directories were made, and how often every process was stopped."""
+    """How many private directories were made, how often every process was stopped, and
+    the watchdogs started and dismissed."""
 
     def __init__(self, private: Path) -> None:
         self.private = private
         self.made = self.stopped = 0
+        self.watchdogs: list[str] = []  # "started" / "dismissed" as they happened
 
     def left(self) -> list[Path]:
         return list(self.private.iterdir())
@@ -81,12 +91,24 @@ def faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Record]:
         record.made += 1
         return mkdtemp(prefix=prefix, dir=record.private)
 
-    def stop_descendants() -> None:
+    def stop_descendants(spare: tuple[int, ...] = ()) -> None:
+        assert spare == (WATCHDOG_PID,)  # the watchdog outlives the clean-up it watches
         record.stopped += 1
+
+    def start_watchdog(token: str, home: Path) -> FakeWatchdog:
+        assert token and home.parent == record.private
+        record.watchdogs.append("started")
+        return FakeWatchdog()
+
+    def dismiss_watchdog(watchdog: FakeWatchdog | None) -> None:
+        if watchdog is not None:
+            record.watchdogs.append("dismissed")
 
     monkeypatch.setattr(supervise, "check_apart", lambda *_: "new")
     monkeypatch.setattr(supervise, "become_subreaper", lambda: True)
     monkeypatch.setattr(supervise, "stop_descendants", stop_descendants)
+    monkeypatch.setattr(supervise, "start_watchdog", start_watchdog)
+    monkeypatch.setattr(supervise, "dismiss_watchdog", dismiss_watchdog)
     monkeypatch.setattr(tempfile, "mkdtemp", private_dir)
     monkeypatch.setattr(subprocess, "Popen", FlwrRunFailsEarly)
     monkeypatch.setattr(deploy, "LocalDeployment", FakeDeployment)
@@ -122,6 +144,7 @@ def test_an_early_failure_keeps_flowers_logs_where_the_verdict_says(
     assert {log.parent for log in logs} == {tmp_path / "out" / "early"}
     assert [log.read_text() for log in logs] == [f"{log.stem} log\n" for log in logs]
     assert faked.stopped == faked.made == 1 and not faked.left()
+    assert faked.watchdogs == ["started", "dismissed"]
 
 
 def test_an_early_failure_of_flwr_run_keeps_the_superlink_log(
@@ -131,7 +154,9 @@ def test_an_early_failure_of_flwr_run_keeps_the_superlink_log(
     says, though the ServerApp never made the run directory."""
 
     class FlwrRunLogsAndFails(FlwrRunFailsEarly):
-        def __init__(self, command: Sequence[str], env: dict[str, str], **_: object) -> None:
+        def __init__(
+        self, command: Sequence[str], env: dict[str, str] | None = None, **_: object
+    ) -> None:
             super().__init__(command)
             log = Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
             log.parent.mkdir(parents=True)
@@ -145,6 +170,7 @@ def test_an_early_failure_of_flwr_run_keeps_the_superlink_log(
     assert f"see {kept} for Flower's log" in err
     assert kept.read_text() == "superlink log\n"
     assert faked.stopped == faked.made == 1 and not faked.left()
+    assert faked.watchdogs == ["started", "dismissed"]
 
 
 def interrupt_at(code: CodeType, opcode: int | None) -> Callable[[], int]:
@@ -180,7 +206,7 @@ def test_a_stop_signal_anywhere_still_stops_everything(
     the run and the start of its clean-up included: every time, whatever was started is
     stopped, the private directory is removed, no exception escapes and the signal mask is
     put back."""
-    code = supervise.supervise.__code__
+    code = supervise.run_supervised.__code__
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     tracer = sys.gettrace()
     outcomes = []
@@ -198,6 +224,7 @@ def test_a_stop_signal_anywhere_still_stops_everything(
         where = f"SIGINT before instruction {opcode}"
         assert not faked.left(), where
         assert faked.stopped == faked.made, where
+        assert faked.watchdogs.count("started") == faked.watchdogs.count("dismissed"), where
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set(), where
         outcomes.append(status)
         if opcode is None:
