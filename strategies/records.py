@@ -82,7 +82,8 @@ class RunRecorder:
             if failure.reason in REAL_FAILURES:
                 entry = self.missed.setdefault(partition, {"partition": partition, "rounds": []})
                 entry["rounds"].append(server_round)
-                entry["reason"] = f"{failure.reason}: {failure.detail}"
+                first_line = (failure.detail.strip().splitlines() or [""])[0]
+                entry["reason"] = f"{failure.reason}: {first_line}"
         row = outcome.row(server_round, accuracy, loss, self.ledger.total())
         row |= {"steps": step, "wall_time_s": self.elapsed(), "sim_time_s": self.clients.clock.now}
         self.history.append(row)

@@ -155,8 +155,8 @@ def test_an_early_failure_of_flwr_run_keeps_the_superlink_log(
 
     class FlwrRunLogsAndFails(FlwrRunFailsEarly):
         def __init__(
-        self, command: Sequence[str], env: dict[str, str] | None = None, **_: object
-    ) -> None:
+            self, command: Sequence[str], env: dict[str, str] | None = None, **_: object
+        ) -> None:
             super().__init__(command)
             log = Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
             log.parent.mkdir(parents=True)
