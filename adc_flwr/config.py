@@ -77,6 +77,7 @@ class RunConfig:
     client_optimizer: str = "reset"
     weight_decay: float = 0.0
     fraction_train: float = 1.0
+    num_partitions: int = 0
     min_nodes: int = 1
     min_clients: int = 1
     budget_mb: float = 0.0
@@ -149,6 +150,22 @@ class RunConfig:
     def clients_per_round(self, num_partitions: int) -> int:
         """Clients sampled each round: ``fraction-train`` of the partitions, at least one."""
         return max(1, round(self.fraction_train * num_partitions))
+
+    def draws_per_round(self, num_partitions: int) -> int:
+        """Partitions drawn each round: the clients a round needs times ``over-select``."""
+        count = self.clients_per_round(num_partitions)
+        return min(num_partitions, math.ceil(round(count * self.over_select, 9)))
+
+    @property
+    def pooled(self) -> bool:
+        """``num-partitions`` > 0: the population is that many partitions, and each round's
+        clients run on whichever SuperNodes are free (a simulation of more clients than
+        nodes); 0: one partition per SuperNode, each node its own client."""
+        return self.num_partitions > 0
+
+    def partitions(self, num_supernodes: int) -> int:
+        """The population's size: ``num-partitions``, or one per SuperNode."""
+        return self.num_partitions or num_supernodes
 
     @property
     def resolved_run_name(self) -> str:
@@ -322,6 +339,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "client-optimizer": _one_of("reset", "keep"),
     "weight-decay": _in_range(0),
     "fraction-train": _in_range(0, 1, low_open=True),
+    "num-partitions": _in_range(0),
     "min-nodes": _in_range(1),
     "min-clients": _in_range(1),
     "budget-mb": _in_range(0),

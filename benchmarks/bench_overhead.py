@@ -1,15 +1,24 @@
 """What Flower costs: the same split-learning steps through `flwr run` and in a plain loop.
 
-Both runs use 4 clients, the vit-cpu preset on Fashion-MNIST, SplitFed, and the same front,
-compressor and back code (adc_flwr.training). The plain loop calls the client and server
-workers directly in one process (with the same recompute-on-backward protocol) and does no
-serialisation; the Flower run goes through Ray actors, messages and the codec. Per-step wall
-times come from metrics.csv (Flower) and perf_counter (plain); Ray start-up and evaluation are
-excluded from both and start-up is printed apart.
+Both runs use C clients (``--clients``, 4 by default), the vit-cpu preset on Fashion-MNIST,
+SplitFed, and the same front, compressor and back code (adc_flwr.training). The plain loop
+calls the client and server workers directly in one process (with the same
+recompute-on-backward protocol) and does no serialisation; the Flower run goes through Ray
+actors (one per core), messages and the codec. Per-step wall times come from metrics.csv
+(Flower) and perf_counter (plain); Ray start-up and evaluation are excluded from both.
 
-    python benchmarks/bench_overhead.py [--steps 20] [--methods none,adc]
+One step is one exchange: the server sends each of the C clients its message and waits for
+all replies. The overhead per exchange is the median Flower step minus the median plain step,
+printed beside what the engine's dispatch makes an exchange wait before a client starts:
+``--dispatch tick`` is Flower's own loop (a 0.1 s tick, 50 ms on average), ``event`` the
+dispatch of :mod:`clients.engine_dispatch` (this project's default; it wakes when a message is
+stored).
 
-Last line: ``flower_overhead_ratio=<median Flower step / median plain step>`` for ADC.
+    python benchmarks/bench_overhead.py [--steps 20] [--methods none,adc] [--clients 4,16]
+        [--dispatch event,tick]
+
+Last line: ``flower_overhead_ratio=<median Flower step / median plain step>`` for ADC, at the
+first client count and dispatch.
 """
 
 from __future__ import annotations
@@ -34,11 +43,12 @@ from adc_flwr.config import RunConfig  # noqa: E402
 from adc_flwr.training.modules import make_optimizer  # noqa: E402
 from adc_flwr.training.workers import ClientWorker  # noqa: E402
 from adc_flwr.wire.codec import ReceivedPacket  # noqa: E402
+from clients.engine_dispatch import DISPATCH_ENV  # noqa: E402
 from clients.node_cache import client_setup  # noqa: E402
 from simulations.inprocess_grid import set_task_identity  # noqa: E402
 from strategies.lifecycle import build_strategy  # noqa: E402
 
-NUM_CLIENTS = 4
+TICK_WAIT_S = {"tick": 0.05, "event": 0.0}  # the dispatch's average wait per exchange
 
 
 def run_config(method: str, steps: int) -> dict:
@@ -53,13 +63,16 @@ def run_config(method: str, steps: int) -> dict:
     }
 
 
-def flower_step_times(method: str, steps: int, out_dir: Path) -> tuple[list[float], float]:
+def flower_step_times(
+    method: str, steps: int, clients: int, dispatch: str, out_dir: Path
+) -> tuple[list[float], float]:
     """Per-step seconds of a `flwr run` (from metrics.csv) and the whole command's seconds."""
     pairs = " ".join(
         f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
         for k, v in run_config(method, steps).items()
     )
-    env = os.environ | {"OUT_DIR": str(out_dir), "RUN_NAME": f"overhead-{method}"}
+    name = f"overhead-{method}-{clients}-{dispatch}"
+    env = os.environ | {"OUT_DIR": str(out_dir), "RUN_NAME": name, DISPATCH_ENV: dispatch}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     t0 = time.perf_counter()
     subprocess.run(
@@ -67,7 +80,7 @@ def flower_step_times(method: str, steps: int, out_dir: Path) -> tuple[list[floa
             "bash",
             "scripts/flwr_run.sh",
             pairs,
-            f"num-supernodes={NUM_CLIENTS} client-resources-num-cpus=1",
+            f"num-supernodes={clients} client-resources-num-cpus=1",
         ],
         cwd=ROOT,
         env=env,
@@ -75,20 +88,20 @@ def flower_step_times(method: str, steps: int, out_dir: Path) -> tuple[list[floa
         stdout=subprocess.DEVNULL,
     )
     total = time.perf_counter() - t0
-    metrics = pd.read_csv(out_dir / f"overhead-{method}" / "metrics.csv")
+    metrics = pd.read_csv(out_dir / name / "metrics.csv")
     wall = metrics.loc[metrics["kind"] == "step", "wall_time_s"].to_numpy()
     return list(wall[1:] - wall[:-1]), total
 
 
-def plain_step_times(method: str, steps: int) -> list[float]:
+def plain_step_times(method: str, steps: int, clients: int) -> list[float]:
     """The same steps with the workers called directly, no Flower, no serialisation."""
     set_task_identity()
     cfg = RunConfig.from_run_config(run_config(method, steps) | {"out-dir": tempfile.mkdtemp()})
     strategy, _ = build_strategy(cfg, run_dir=None, progress=lambda _: None)
     server = strategy.server
     workers, setups = [], []
-    for pid in range(NUM_CLIENTS):
-        setup = client_setup(cfg, pid, NUM_CLIENTS)
+    for pid in range(clients):
+        setup = client_setup(cfg, pid, clients)
         front = copy.deepcopy(strategy.client_modules["front"])
         compressor = setup.skeleton.compressor
         opt = make_optimizer(list(front.parameters()), cfg)
@@ -126,22 +139,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", default="none,adc")
+    parser.add_argument("--clients", default="4", help="client counts, e.g. 4,16")
+    parser.add_argument("--dispatch", default="event", help="tick, event or both: event,tick")
     args = parser.parse_args()
+    dispatches = args.dispatch.split(",")
+    if unknown := set(dispatches) - set(TICK_WAIT_S):
+        parser.error(f"--dispatch: unknown {sorted(unknown)}; choose from {sorted(TICK_WAIT_S)}")
     torch.set_num_threads(os.cpu_count() or 1)
-    ratios = {}
+    ratios = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
-            flower, total = flower_step_times(method, args.steps, Path(tmp))
-            plain = plain_step_times(method, args.steps)
-            f_med, p_med = statistics.median(flower), statistics.median(plain)
-            ratios[method] = f_med / p_med
-            print(
-                f"{method:>5}: {args.steps} steps x {NUM_CLIENTS} clients | "
-                f"flwr run step median {f_med * 1e3:.0f} ms | plain loop step median "
-                f"{p_med * 1e3:.0f} ms | ratio {ratios[method]:.2f} | "
-                f"whole flwr run command {total:.1f} s (Ray start-up and evaluation included)"
-            )
-    print(f"flower_overhead_ratio={ratios.get('adc', next(iter(ratios.values()))):.3f}")
+        for clients in (int(c) for c in args.clients.split(",")):
+            for method in args.methods.split(","):
+                plain = statistics.median(plain_step_times(method, args.steps, clients))
+                for dispatch in dispatches:
+                    times, total = flower_step_times(
+                        method, args.steps, clients, dispatch, Path(tmp)
+                    )
+                    flower = statistics.median(times)
+                    ratio = flower / plain
+                    ratios.append((method, ratio))
+                    print(
+                        f"{method:>5}: {clients:>3} clients, {args.steps} steps, dispatch "
+                        f"{dispatch:<5} | flwr run step median {flower * 1e3:.0f} ms | plain "
+                        f"loop step median {plain * 1e3:.0f} ms | overhead per exchange "
+                        f"{(flower - plain) * 1e3:.0f} ms (the dispatch's average wait "
+                        f"{TICK_WAIT_S[dispatch] * 1e3:.0f} ms) | ratio {ratio:.2f} | whole flwr "
+                        f"run command {total:.1f} s (Ray start-up and evaluation included)",
+                        flush=True,
+                    )
+    adc = [r for m, r in ratios if m == "adc"]
+    print(f"flower_overhead_ratio={(adc or [ratios[0][1]])[0]:.3f}")
 
 
 if __name__ == "__main__":

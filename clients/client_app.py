@@ -11,6 +11,11 @@ Protocol (docs/design.md section 3), one exchange per step:
 - ``train.stop``: the server cut this client from the round (simulated drop-out or
   straggler): forget the round's state.
 
+With ``num-partitions`` > 0 the node is a worker, not a client: every message names the
+partition it runs (``partition-id`` in ``train.start`` and ``evaluate.held_out``, kept in
+``context.state`` for the round's steps), and with ``client-optimizer = keep`` the moments go
+to the server at the round's end and come back with the client's next ``train.start``.
+
 The front runs on this process's client device (``device``; under Ray the GPU its actor was
 given, if any); everything that leaves it (packets, fronts, ``context.state``) goes through the
 CPU. Between messages only ``context.state`` survives. Within a round it holds the front, the
@@ -29,10 +34,12 @@ from adc_flwr.config import RunConfig
 from adc_flwr.training.modules import optimizer_tensors
 from adc_flwr.training.workers import ClientWorker
 from adc_flwr.wire.codec import packet_to_record, record_to_grads, record_to_state, state_to_record
+from clients import engine_dispatch
 from clients.context_state import load_tensors, store_tensors
 from clients.node_cache import ClientSetup, client_setup
 
 app = ClientApp()
+engine_dispatch.install()  # where this process runs the simulation engine (flwr 1.41.0)
 
 FRONT = "front"
 OPTIM = "optim"
@@ -54,21 +61,25 @@ def info(msg: Message, context: Context) -> Message:
 @app.train("start")
 def start(msg: Message, context: Context) -> Message:
     """Start of a round: take the front the server sent, send the first packet."""
-    setup = _setup(context)
     config = msg.content["config"]
+    setup = _setup(context, int(config["partition-id"]))
     if int(config["partition-id"]) != setup.partition_id:
         raise ValueError(
             f"the server addressed partition {config['partition-id']} to the node holding "
             f"partition {setup.partition_id}"
         )
     keep = setup.cfg.client_optimizer == "keep"
-    moments = _optimizer_state(context) if keep else None
-    _clear(context, keep_moments=keep)  # whatever a dropped round left behind
+    if setup.cfg.pooled:  # a pooled client's moments come from the server, which keeps them
+        moments = record_to_state(msg.content[OPTIM]) if OPTIM in msg.content else None
+    else:
+        moments = _optimizer_state(context) if keep else None
+    _clear(context, keep_moments=keep and not setup.cfg.pooled)  # what a dropped round left
     xi = float(config["compression"])
     worker = setup.worker(record_to_state(msg.content[FRONT]), moments, xi)
     context.state[ROUND] = ConfigRecord(
         {
             "server-round": int(config["server-round"]),
+            "partition-id": setup.partition_id,
             "batches-done": int(config["batches-done"]),
             "compression": xi,
         }
@@ -85,7 +96,7 @@ def step(msg: Message, context: Context) -> Message:
     ``probe`` asks for the front beside the next packet: the server evaluates the model as it
     stands mid-round (``eval-every``); it is not part of the protocol's traffic.
     """
-    setup = _setup(context)
+    setup = _setup(context, int(context.state[ROUND]["partition-id"]))
     config = msg.content["config"]
     xi = float(context.state[ROUND]["compression"])
     worker = setup.worker(load_tensors(context, FRONT), _optimizer_state(context), xi)
@@ -102,7 +113,7 @@ def step(msg: Message, context: Context) -> Message:
         reply = RecordDict({FRONT: state_to_record(worker.front_state()), "metrics": metrics})
         _clear(context, keep_moments=False)
         if setup.cfg.client_optimizer == "keep":  # the only thing a client keeps
-            store_tensors(context, OPTIM, optimizer_tensors(worker.optimizer))
+            _keep_moments(setup, context, reply, optimizer_tensors(worker.optimizer))
         return Message(reply, reply_to=msg)
     reply = _forward_next(setup, worker, context, step=int(meta["step"]) + 1, examples=examples)
     if bool(config["probe"]):
@@ -115,7 +126,7 @@ def step(msg: Message, context: Context) -> Message:
 def evaluate_held_out(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global front on this client's held-out samples; the server
     runs the back on the activations (nothing of this is stored or counted as traffic)."""
-    setup = _setup(context)
+    setup = _setup(context, int(msg.content["config"]["partition-id"]))
     h, labels = setup.held_out_activations(record_to_state(msg.content[FRONT]))
     record = ArrayRecord({"h": h.contiguous(), "labels": labels})
     return Message(RecordDict({"held-out": record}), reply_to=msg)
@@ -125,16 +136,35 @@ def evaluate_held_out(msg: Message, context: Context) -> Message:
 def stop(msg: Message, context: Context) -> Message:
     """The server ended this client's round early (it vanished or was too slow in the
     simulated clock): forget the round, keep what a finished round would keep."""
-    keep = _setup(context).cfg.client_optimizer == "keep"
-    _clear(context, keep_moments=keep and OPTIM in context.state)
-    return Message(RecordDict(), reply_to=msg)
-
-
-def _setup(context: Context) -> ClientSetup:
     cfg = RunConfig.from_run_config(context.run_config)
-    return client_setup(
-        cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    )
+    reply = RecordDict()
+    keep = cfg.client_optimizer == "keep" and OPTIM in context.state
+    if keep and cfg.pooled:  # what it keeps goes back to the server, which holds it
+        reply[OPTIM] = state_to_record(load_tensors(context, OPTIM))
+    _clear(context, keep_moments=keep and not cfg.pooled)
+    return Message(reply, reply_to=msg)
+
+
+def _setup(context: Context, partition_id: int) -> ClientSetup:
+    """This message's client: with ``num-partitions`` the partition the server addressed
+    (``partition_id``: any node may run any client), else the node's own partition."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    if cfg.pooled:
+        return client_setup(cfg, partition_id, cfg.num_partitions)
+    node = context.node_config
+    return client_setup(cfg, int(node["partition-id"]), int(node["num-partitions"]))
+
+
+def _keep_moments(
+    setup: ClientSetup, context: Context, reply: RecordDict, moments: dict[str, torch.Tensor]
+) -> None:
+    """``client-optimizer = keep`` at the end of a round: a node's own client keeps its
+    moments in ``context.state``; a pooled client hands them to the server with its front
+    (not traffic: they stand for memory on the client's device)."""
+    if setup.cfg.pooled:
+        reply[OPTIM] = state_to_record(moments)
+    else:
+        store_tensors(context, OPTIM, moments)
 
 
 def _forward_next(

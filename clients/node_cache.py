@@ -2,6 +2,8 @@
 
 Ray actors are long-lived, so data, partitions and a model skeleton are cached per process;
 the weights themselves always come from the message or ``context.state``, never the cache.
+Where every message is a new process (Flower's Deployment Runtime), ``ADC_NODE_CACHE`` keeps
+a client's data on the node's disk instead (:mod:`clients.disk_cache`).
 The skeleton lives on this process's client device (:func:`adc_flwr.training.device.client_device`:
 the GPU Ray gave the actor, if any).
 """
@@ -28,6 +30,7 @@ from adc_flwr.training.modules import (
     make_optimizer,
 )
 from adc_flwr.training.workers import ClientWorker, front_forward, step_seed
+from clients.disk_cache import ClientData, cached_client_data
 
 
 @dataclass
@@ -43,9 +46,26 @@ class ModelSkeleton:
         return module_device(self.front)
 
 
-@functools.lru_cache(maxsize=2)
 def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
-    data = load_data(cfg.dataset, cfg.data_dir)
+    """The run's front and compressor, built once per process."""
+    return _skeleton(cfg, load_data(cfg.dataset, cfg.data_dir))
+
+
+_SKELETONS: dict[RunConfig, ModelSkeleton] = {}  # the last two configs (as lru_cache(2))
+
+
+def _skeleton(cfg: RunConfig, data: DataBundle) -> ModelSkeleton:
+    """:func:`model_skeleton` from a bundle already at hand (a disk-cached one reads only
+    the dataset's description: classes, channels, size, mean and std)."""
+    if (cached := _SKELETONS.pop(cfg, None)) is None:
+        cached = _build_skeleton(cfg, data)
+    _SKELETONS[cfg] = cached  # most recent last
+    while len(_SKELETONS) > 2:
+        del _SKELETONS[next(iter(_SKELETONS))]
+    return cached
+
+
+def _build_skeleton(cfg: RunConfig, data: DataBundle) -> ModelSkeleton:
     vit = build_model(cfg, data)
     front, _ = split_vit(vit, cfg.split_index)
     device = client_device(cfg.device)
@@ -132,6 +152,21 @@ class ClientSetup:
 
 def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientSetup:
     """The cached setup for partition ``partition_id`` of ``num_partitions``."""
+    client = cached_client_data(
+        cfg, partition_id, num_partitions, lambda: _client_data(cfg, partition_id, num_partitions)
+    )
+    return ClientSetup(
+        cfg,
+        partition_id,
+        client.data,
+        client.indices,
+        _skeleton(cfg, client.data),
+        client.held_out,
+    )
+
+
+def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """Partition ``partition_id``'s train and held-out indices, and the dataset."""
     parts = run_partitions(cfg, num_partitions)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
@@ -139,4 +174,4 @@ def client_setup(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
     train, held_out = parts[partition_id], parts[partition_id][:0]
     if cfg.federated_eval_every:
         train, held_out = held_out_split(train, cfg.federated_eval_fraction, cfg.seed, partition_id)
-    return ClientSetup(cfg, partition_id, data, train, model_skeleton(cfg), held_out)
+    return ClientData(data, train, held_out)

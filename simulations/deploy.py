@@ -112,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         nodes = parse_nodes(args[0])
         run_config = args[1] if len(args) > 1 else ""
-        parse_pairs(run_config, "--run-config")
+        if parse_pairs(run_config, "--run-config").get("num-partitions", 0):
+            raise ConfigError(
+                "run-config key 'num-partitions': the deployment runtime trains each "
+                "SuperNode on its own data; leave it 0 (pooled clients are for simulations)"
+            )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return supervise.EXIT_INVALID

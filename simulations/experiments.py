@@ -271,7 +271,7 @@ def validate_points(experiment: Experiment, points: Iterable[Point], nodes: int)
 
     for point in points:
         try:
-            validate_run(point.config("results").to_run_config(), num_partitions=nodes)
+            validate_run(point.config("results").to_run_config(), num_supernodes=nodes)
         except ConfigError as exc:
             raise ExperimentError(f"{_where(experiment, point)}: {exc}") from None
 

@@ -23,6 +23,7 @@ register.py``):
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -36,6 +37,7 @@ HOST = "127.0.0.1"
 CONNECTION = "adc-deploy"  # the SuperLink connection's name in the CLI's config.toml
 CLI_TIMEOUT_S = 120.0
 TAIL_LINES = 12
+NODE_CACHE_ENV = "ADC_NODE_CACHE"  # clients.disk_cache.CACHE_ENV, not imported (light)
 
 
 class DeploymentError(StartFailed):
@@ -72,14 +74,16 @@ class LocalDeployment:
     def log(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 
-    def _start(self, name: str, command: list[str], cwd: Path) -> subprocess.Popen:
+    def _start(
+        self, name: str, command: list[str], cwd: Path, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen:
         (self.home / name).mkdir(parents=True, exist_ok=True)
         self.log(name).parent.mkdir(exist_ok=True)
         with self.log(name).open("wb") as out:
             proc = subprocess.Popen(
                 command,
                 cwd=cwd,
-                env=self.env | {"FLWR_HOME": str(self.home / name)},
+                env=self.env | dict(env or {}) | {"FLWR_HOME": str(self.home / name)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -174,7 +178,13 @@ class LocalDeployment:
     ) -> subprocess.Popen:
         """``flower-supernode`` connecting over TLS and signing with ``key``; its own Runtime
         API (where its ClientApp processes connect) on ``HOST:port``, over TLS too;
-        ``extra`` arguments go last."""
+        ``extra`` arguments go last.
+
+        Each message it receives starts a ClientApp process; its clients keep their data in a
+        disk cache private to this SuperNode (``ADC_NODE_CACHE``, :mod:`clients.disk_cache`)
+        unless the environment names one (an empty value: none), removed with the rest.
+        """
+        env = {NODE_CACHE_ENV: os.environ.get(NODE_CACHE_ENV, str(self.home / name / "node-cache"))}
         # fmt: off
         command = [
             "flower-supernode",
@@ -190,7 +200,7 @@ class LocalDeployment:
             *extra,
         ]
         # fmt: on
-        return self._start(name, command, cwd)
+        return self._start(name, command, cwd, env)
 
     def wait_online(self, nodes: Mapping[int, str], timeout_s: float = 180.0) -> None:
         """Return once every node id in ``nodes`` (id -> process name) is ``online``; raise

@@ -71,7 +71,7 @@ def check(run_config: str, federation_config: str, out_dir: str, run_name: str) 
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ConfigError(f"federation key 'num-supernodes' = {nodes!r}: expected an int >= 1")
     pairs = parse_pairs(run_config, "--run-config") | {"out-dir": out_dir, "run-name": run_name}
-    cfg = validate_run(pairs, num_partitions=nodes)
+    cfg = validate_run(pairs, num_supernodes=nodes)
     run_dir = RunDir(cfg.run_dir)
     state = run_state(run_dir, cfg.to_run_config())
     if state == RESUME:  # a damaged checkpoint or metrics.csv: now, not once Flower runs

@@ -1,7 +1,9 @@
-"""Sweep an experiment's points, one after another, then collect their table.
+"""Sweep an experiment's points, one after another or in parallel on Ray, then collect
+their table.
 
     python -m simulations.sweep paper_sweep [--results-root results] [--runner inprocess|flwr]
         [--only method=adc] [--dry-run] [--nodes N] [--verbose] [--point-timeout SECONDS]
+        [--workers N [--point-cpus C] [--point-gpus G]]
 
 :mod:`simulations.experiments` reads the file and names the points; results go to
 ``<results-root>/<experiment>/<run-name>``. Finished points are skipped, so an interrupted
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import itertools
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +48,7 @@ from simulations.experiments import (
     select,
     validate_points,
 )
+from simulations.parallel import ray_results
 from simulations.preflight import format_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,10 +144,16 @@ def run_sweep(
     dry_run: bool = False,
     verbose: bool = False,
     point_timeout: float = 0.0,
+    workers: int = 1,
+    point_cpus: float | None = None,
+    point_gpus: float = 0.0,
     progress: Callable[[str], None] = print,
     bar_file: IO[str] | None = None,
 ) -> list[PointResult]:
-    """Run the selected points one after another; returns what happened to each.
+    """Run the selected points, one after another or (``workers`` > 1) as Ray tasks of
+    ``point_cpus`` CPUs and ``point_gpus`` GPUs each (:mod:`simulations.parallel`); returns
+    what happened to each, in the order they finished. ``point_cpus`` sets each point's
+    torch threads (default: 1 with workers, torch's own count without).
 
     Finished points are skipped; a failed point is recorded and the next one runs.
     ``sweep.json`` records each point's status and error as the sweep goes, so a table
@@ -183,20 +194,54 @@ def run_sweep(
     bar = tqdm(total=n, desc=experiment.name, unit="point", file=bar_file, disable=bar_file is None)
     if bar_file is not None:
         progress = bar.write
-    inner = progress if verbose else (lambda _line: None)
+    inner = progress if verbose else _quiet
     results: list[PointResult] = []
     counts = collections.Counter()
+    running: list[str] = []
+
+    def show(point: Point) -> None:
+        running.append(point.name)
+        bar.set_postfix_str(
+            f"{', '.join(running[-workers:])} | done {counts['completed']}, failed "
+            f"{counts['failed']}, skipped {counts['skipped']}"
+        )
+
+    if workers > 1:
+        finished = [(i, r) for i, p in enumerate(points, 1) if (r := _skip(p, out_dir))]
+        for _, result in finished:
+            show(result.point)
+        done = {result.point.name for _, result in finished}
+        outcomes = itertools.chain(
+            finished,
+            ray_results(
+                [(i, p) for i, p in enumerate(points, 1) if p.name not in done],
+                _run_point,
+                lambda point: (point, out_dir.resolve(), runner, nodes, _quiet, point_timeout),
+                workers=workers,
+                point_cpus=point_cpus or 1.0,
+                point_gpus=point_gpus,
+                started=show,
+            ),
+        )
+    else:
+
+        def one_by_one() -> Iterator[tuple[int, PointResult]]:
+            with torch_threads(point_cpus):
+                for i, point in enumerate(points, 1):
+                    show(point)
+                    yield i, _run_point(point, out_dir, runner, nodes, inner, point_timeout)
+
+        outcomes = one_by_one()
     with bar:
-        for i, point in enumerate(points, 1):
-            bar.set_postfix_str(
-                f"{point.name} | done {counts['completed']}, failed {counts['failed']}, "
-                f"skipped {counts['skipped']}"
-            )
-            result = _run_point(point, out_dir, runner, nodes, inner, point_timeout)
+        for i, result in outcomes:
+            running.remove(result.point.name)
             results.append(result)
             counts[result.status if result.status in ("completed", "skipped") else "failed"] += 1
             if result.status != "skipped":
-                record["results"][point.name] = {"status": result.status, "error": result.error}
+                record["results"][result.point.name] = {
+                    "status": result.status,
+                    "error": result.error,
+                }
                 atomic_write_json(out_dir / SWEEP_FILE, record)
             progress(_point_line(i, n, result))
             bar.update()
@@ -206,6 +251,26 @@ def run_sweep(
     for r in failed:
         progress(f"  failed {r.point.name}: {r.error}")
     return results
+
+
+@contextlib.contextmanager
+def torch_threads(cpus: float | None) -> Iterator[None]:
+    """torch's threads set to ``cpus`` (at least 1) for the block; None: left as they are."""
+    if cpus is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _quiet(_line: str) -> None:
+    """A point's own lines, when they are not shown."""
 
 
 def _state(cfg: RunConfig) -> str:
@@ -234,8 +299,8 @@ def _run_point(
     error = None
     try:
         # the decision every run makes: another config there is refused, finished is skipped
-        if run_state(run_dir, cfg.to_run_config()) == FINISHED:
-            return PointResult(point, "skipped", summary=run_dir.read_summary() or {})
+        if (skipped := _finished(point, out_dir)) is not None:
+            return skipped
         if runner == "flwr":
             run_point_flwr(cfg, nodes, inner, point_timeout)
         else:
@@ -251,6 +316,24 @@ def _run_point(
     error = "; ".join(dict.fromkeys(e for e in (error, said) if e)) or "no completed summary.json"
     status = "failed" if status == "completed" else status
     return PointResult(point, status, seconds, summary, plain(error))
+
+
+def _finished(point: Point, out_dir: Path) -> PointResult | None:
+    """A ``skipped`` result when the point's run already finished (raises
+    :class:`RunDirError` when another run holds its directory)."""
+    run_dir = RunDir(point.config(out_dir).run_dir)
+    if run_state(run_dir, point.config(out_dir).to_run_config()) == FINISHED:
+        return PointResult(point, "skipped", summary=run_dir.read_summary() or {})
+    return None
+
+
+def _skip(point: Point, out_dir: Path) -> PointResult | None:
+    """:func:`_finished`, or None where the directory holds another run (its task then
+    fails the point as the sequential sweep does)."""
+    try:
+        return _finished(point, out_dir)
+    except RunDirError:
+        return None
 
 
 def _fresh_summary(run_dir: RunDir, since_ns: int) -> dict[str, Any]:
@@ -318,7 +401,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help="with --runner flwr: stop a point running longer (0: no limit)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="points at once, as Ray tasks (RAY_ADDRESS: on that cluster); 1: one by one",
+    )
+    parser.add_argument(
+        "--point-cpus",
+        type=float,
+        default=None,
+        help="CPUs per point, as torch threads (default: 1 with --workers, else torch's own)",
+    )
+    parser.add_argument("--point-gpus", type=float, default=0.0, help="GPUs per point (fraction)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if (args.point_cpus is not None and not args.point_cpus > 0) or not args.point_gpus >= 0:
+        parser.error("--point-cpus must be > 0 and --point-gpus >= 0")
     if args.nodes is not None and args.nodes < 1:
         parser.error("--nodes must be >= 1")
     if args.point_timeout < 0 or (args.point_timeout and args.runner != "flwr"):
@@ -335,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             dry_run=args.dry_run,
             verbose=args.verbose,
             point_timeout=args.point_timeout,
+            workers=args.workers,
+            point_cpus=args.point_cpus,
+            point_gpus=args.point_gpus,
             bar_file=None if args.dry_run else sys.stderr,
         )
     except ExperimentError as exc:

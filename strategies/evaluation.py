@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from adc_flwr.config import RunConfig
@@ -20,6 +20,7 @@ from adc_flwr.training.evaluation import evaluate
 from adc_flwr.training.modules import load_modules_state
 from adc_flwr.training.workers import ServerWorker
 from adc_flwr.wire.codec import record_to_state
+from strategies.messaging import fronts
 
 
 @dataclass(eq=False)
@@ -55,13 +56,9 @@ class Evaluator:
     def averaged(self, replies: list[Message]) -> dict[str, torch.nn.Module]:
         """Client-side modules holding the average, weighted by examples trained this round,
         of the fronts in ``replies`` (a copy of the global modules, reused)."""
-        fronts = [
-            RecordDict({"front": r.content["front"], "metrics": r.content["metrics"]})
-            for r in replies
-        ]
         if self._probe_modules is None:
             self._probe_modules = copy.deepcopy(self.client_modules)
-        average: ArrayRecord = aggregate_arrayrecords(fronts, "num-examples")
+        average: ArrayRecord = aggregate_arrayrecords(fronts(replies), "num-examples")
         load_modules_state(self._probe_modules, record_to_state(average))
         return self._probe_modules
 

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from adc_flwr.compression import build_compressor
-from adc_flwr.config import RunConfig
+from adc_flwr.config import ConfigError, RunConfig
 from adc_flwr.data import ImageSplit, load_data
 from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import build_model, split_vit
@@ -108,6 +108,7 @@ def run_training(
     re-raises.
     """
     check_out_root(cfg)  # before anything is made there
+    check_runtime(grid, cfg)
     run_dir = RunDir(cfg.run_dir)
     lock = RunLock(run_dir.path)
     launcher = os.environ.get(TOKEN_ENV, "")  # the token of the launcher that started us
@@ -120,6 +121,20 @@ def run_training(
         return _run_locked(grid, cfg, run_dir, progress)
     finally:
         lock.release()
+
+
+def check_runtime(grid: Grid, cfg: RunConfig) -> None:
+    """``num-partitions`` belongs to simulations: on the deployment runtime (Flower's
+    ``HttpGrid``) each SuperNode is a real client that trains its own data."""
+    try:
+        from flwr.superlink.grid import HttpGrid  # flwr 1.41's deployment grid
+    except ImportError:  # another Flower: its deployment grid is unknown here
+        return
+    if cfg.pooled and isinstance(grid, HttpGrid):
+        raise ConfigError(
+            f"run-config key 'num-partitions' = {cfg.num_partitions}: the deployment runtime "
+            "trains each SuperNode on its own data; set num-partitions = 0 (simulation only)"
+        )
 
 
 def _run_locked(

@@ -184,8 +184,18 @@ def relayed(start: Message, front: ArrayRecord) -> Message:
     """Vanilla SL: ``start`` as its client's turn comes, carrying the front the previous
     client returned (a new message: its time to live starts when it is sent)."""
     return Message(
-        RecordDict({"front": front, "config": start.content["config"]}),
+        RecordDict({**start.content, "front": front}),
         dst_node_id=start.metadata.dst_node_id,
         message_type=start.metadata.message_type,
         group_id=start.metadata.group_id,
     )
+
+
+def fronts(replies: Iterable[Message]) -> list[RecordDict]:
+    """The fronts and example counts of ``replies``, for FedAvg: nothing else a reply
+    carries (a packet beside a probed front, a pooled client's moments) is averaged."""
+    return [
+        RecordDict({"front": r.content["front"], "metrics": r.content["metrics"]})
+        for r in replies
+        if not r.has_error()
+    ]

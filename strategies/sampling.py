@@ -4,11 +4,15 @@ Under Ray node ids are random 64-bit integers that say nothing about the data a 
 so the sampler asks each new node which partition it holds (``query.info``, see
 :func:`strategies.messaging.discover_partitions`) and draws partition ids: the same seed
 samples the same partitions whatever the node ids are.
+
+With ``num-partitions`` (pooled clients) nobody is asked: the population is that many
+partitions, and each round's picks are handed to free nodes, which run whichever client
+they are sent. A client's result never depends on the node that runs it, so start-up costs
+the same for 10 or 100 000 partitions.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
@@ -47,6 +51,7 @@ class PartitionSampler:
         self.nodes: dict[int, int] = {}  # partition id -> node id holding it
         self.num_partitions = 0  # as the nodes report it
         self.settle_s = 1.0
+        self.announced = False  # the pooled population was described (once per process)
         self._rng = random.Random(cfg.seed)
 
     def wait_for_nodes(self, grid: Grid, timeout: float = 120.0) -> list[int]:
@@ -121,20 +126,44 @@ class PartitionSampler:
         registered or busy (a resumed run draws the same), so such a pick is not replaced:
         it counts against ``min-clients``.
         """
+        if self.cfg.pooled:
+            registered = self.wait_for_nodes(messenger.grid)
+            self.num_partitions = self.cfg.num_partitions
+            draw = self._draw(self.num_partitions, reachable)
+            draw.unavailable = self.assign(draw.picks, registered, messenger.busy_nodes())
+            if not self.announced:
+                self.announced = True
+                self.progress(
+                    f"{self.num_partitions} partitions (num-partitions), drawn clients run on "
+                    f"{len(registered)} SuperNode(s)"
+                )
+            return draw
         reasons = self.available(messenger)
         if not reasons:
             raise RuntimeError("no SuperNode answered which data partition it holds")
-        total = len(reasons)
+        draw = self._draw(len(reasons), reachable)
+        draw.unavailable = {p: reasons[p] for p in draw.picks if reasons[p]}
+        return draw
+
+    def _draw(self, total: int, reachable: Callable[[int], np.ndarray]) -> Draw:
         count = self.cfg.clients_per_round(total)
-        wanted = min(total, math.ceil(round(count * self.cfg.over_select, 9)))
+        wanted = self.cfg.draws_per_round(total)
         online = np.flatnonzero(reachable(total)).tolist()
         picks = sorted(self._rng.sample(online, min(wanted, len(online))))
-        return Draw(
-            picks=picks,
-            unavailable={p: reasons[p] for p in picks if reasons[p]},
-            offline=total - len(online),
-            keep=count if wanted > count else None,
+        keep = count if wanted > count else None
+        return Draw(picks=picks, unavailable={}, offline=total - len(online), keep=keep)
+
+    def assign(self, picks: list[int], registered: list[int], busy: set[int]) -> dict[int, str]:
+        """Pooled clients: hand ``picks`` to free nodes for this round (the partition ->
+        node map is this round's from now on); the picks left without a node, with why."""
+        free = sorted(set(registered) - busy)
+        self.nodes.clear()
+        self.nodes.update(zip(picks, free, strict=False))
+        why = (
+            f"no free SuperNode to run it ({len(free)} free for {len(picks)} drawn: raise "
+            "num-supernodes, or nodes still owe replies)"
         )
+        return {p: why for p in picks[len(free) :]}
 
     def state_dict(self) -> tuple:
         """The generator's state (for checkpoints)."""

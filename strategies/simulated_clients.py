@@ -7,8 +7,10 @@ vanished mid-round (its reply is discarded as if it never came) and who was too 
 the deadline, or not among the first to answer when over-selected). Clients cut mid-round
 are sent ``train.stop`` at the round's end so that their nodes forget the round.
 
-It also chooses each client's ξ when ``adaptive-compression`` is on, and builds the rows of
-``clients.csv``.
+It also chooses each client's ξ when ``adaptive-compression`` is on, builds the rows of
+``clients.csv``, and with pooled clients (``num-partitions``) holds what each client keeps
+between rounds (its optimiser moments with ``client-optimizer = keep``), since the node that
+runs a client this round may run another the next.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
 
 from adc_flwr.config import RunConfig, nominal_level
 from adc_flwr.data import run_partitions, write_partition_counts
@@ -78,6 +80,7 @@ class SimulatedClients:
         self.steps: dict[int, int] = {}  # steps each client took this round
         self.to_stop: set[int] = set()  # cut this round; their nodes still hold round state
         self.batch_clamped: dict[str, int] = {}  # partitions smaller than a batch (setup)
+        self.moments: dict[int, ArrayRecord] = {}  # pooled clients' optimiser moments (keep)
 
     # ---- population ---------------------------------------------------------------------
 
@@ -106,6 +109,12 @@ class SimulatedClients:
             return self.population.reachable(server_round)
 
         return online
+
+    def remember(self, partition: int, reply: Message) -> None:
+        """Keep the moments a pooled client handed back (its last step, or ``train.stop``):
+        they stand for its device's memory, and go back with its next ``train.start``."""
+        if "optim" in reply.content:
+            self.moments[partition] = reply.content["optim"]
 
     @property
     def flops(self) -> StepFlops:

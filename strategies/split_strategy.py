@@ -9,7 +9,8 @@ federated evaluation on the clients' held-out data. Between them, :class:`StepEn
 the steps, :class:`Evaluator` evaluates centrally, :class:`RunRecorder` writes the rows.
 
 Clients are sampled by data partition, never by node id: under Ray node ids are random, so
-the seeded sampler draws partition ids and :func:`discover_partitions` maps them to nodes.
+the seeded sampler draws partition ids and :func:`discover_partitions` maps them to nodes (or,
+with ``num-partitions``, the sampler hands each round's picks to free nodes).
 Each client is sent its own data cursor (batches it consumed in earlier rounds).
 """
 
@@ -37,7 +38,7 @@ from adc_flwr.wire.accounting import TrafficLedger
 from adc_flwr.wire.codec import record_to_state
 from adc_flwr.wire.sizes import uncompressed_act_nbytes
 from strategies.evaluation import Evaluator
-from strategies.messaging import Post, relayed
+from strategies.messaging import Post, fronts, relayed
 from strategies.outcomes import Failure, RoundOutcome, describe_failures
 from strategies.records import RunRecorder
 from strategies.sampling import Draw, PartitionSampler
@@ -136,7 +137,7 @@ class SplitLearningStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg of the returned fronts, weighted by the examples each client trained on."""
-        contents = [r.content for r in replies if not r.has_error()]
+        contents = fronts(replies)
         if not contents:
             return None, None
         arrays = aggregate_arrayrecords(contents, "num-examples")
@@ -158,9 +159,14 @@ class SplitLearningStrategy(Strategy):
             if p in outcome.finished
             or (p in outcome.failures and outcome.failures[p].reason == STRAGGLER)
         ]
-        config = ConfigRecord({**config, "server-round": server_round})
         return [
-            self.post.message(p, "evaluate.held_out", server_round, front=arrays, config=config)
+            self.post.message(
+                p,
+                "evaluate.held_out",
+                server_round,
+                front=arrays,
+                config=ConfigRecord({**config, "server-round": server_round, "partition-id": p}),
+            )
             for p in self.post.idle(answering)
         ]
 
@@ -323,9 +329,10 @@ class SplitLearningStrategy(Strategy):
                 "compression": self.clients.xi.get(partition, self.cfg.compression),
             }
         )
-        return self.post.message(
-            partition, "train.start", server_round, front=arrays, config=config
-        )
+        records = {"front": arrays, "config": config}
+        if partition in self.clients.moments:  # a pooled client's own (client-optimizer keep)
+            records["optim"] = self.clients.moments[partition]
+        return self.post.message(partition, "train.start", server_round, **records)
 
     # ---- evaluation ---------------------------------------------------------------------
 

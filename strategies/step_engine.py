@@ -166,6 +166,7 @@ class StepEngine:
                         server_round, partition, Traffic.of_model_sync(reply.content["front"])
                     )
                     outcome.finished[partition] = reply
+                    self.clients.remember(partition, reply)
             if probe:
                 self.probe(server_round, stepped, outcome)
 
@@ -179,7 +180,8 @@ class StepEngine:
             p: self.post.message(p, "train.stop", server_round, config=config)
             for p in self.post.idle(sorted(self.clients.to_stop))
         }
-        self.post.exchange(messages, self.timeout)
+        for partition, reply in self.post.exchange(messages, self.timeout).items():
+            self.clients.remember(partition, reply)
 
     def _settle(
         self,

@@ -23,12 +23,12 @@ from adc_flwr.config import ConfigError, RunConfig
 log = logging.getLogger("adc_flwr")
 
 
-def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = None) -> RunConfig:
+def validate_run(run_config: Mapping[str, Any], num_supernodes: int | None = None) -> RunConfig:
     """The validated :class:`RunConfig` of ``run_config`` (kebab-case keys, absent = default).
 
-    ``num_partitions``: the number of clients (SuperNodes) when known, to check that
-    partitioning and sampling are feasible. Loads the dataset (cached per process) and
-    builds the model once, which costs about a second for the presets.
+    ``num_supernodes``: the SuperNodes of the federation when known. With them, or with
+    ``num-partitions`` set, it checks that partitioning and sampling are feasible. Loads the
+    dataset (cached per process) and builds the model once, about a second for the presets.
     """
     from adc_flwr.compression import available_methods, build_compressor, get_compressor_class
     from adc_flwr.data import DataError, load_data, run_partitions
@@ -46,7 +46,8 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
             f"run-config key 'method' = {cfg.method!r}: allowed values are "
             f"{', '.join(available_methods())}"
         )
-    if num_partitions is not None:
+    num_partitions = cfg.num_partitions or num_supernodes
+    if num_partitions:
         sampled = cfg.clients_per_round(num_partitions)
         if sampled < cfg.min_clients:
             raise ConfigError(
@@ -54,10 +55,20 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
                 f"{cfg.fraction_train:g} of {num_partitions} partitions samples {sampled} "
                 "client(s) a round, so min-clients must be at most that"
             )
-        if cfg.min_nodes > num_partitions:
+    if num_supernodes is not None:
+        if cfg.min_nodes > num_supernodes:
             raise ConfigError(
-                f"run-config key 'min-nodes' = {cfg.min_nodes}: only {num_partitions} "
+                f"run-config key 'min-nodes' = {cfg.min_nodes}: only {num_supernodes} "
                 "SuperNode(s) will run; allowed range is [1, num-supernodes]"
+            )
+        drawn = cfg.draws_per_round(cfg.num_partitions)
+        if cfg.pooled and drawn > num_supernodes:
+            raise ConfigError(
+                f"run-config key 'num-partitions' = {cfg.num_partitions}: each round draws "
+                f"{drawn} client(s) (fraction-train x over-select), and each needs a SuperNode "
+                f"of its own, but num-supernodes = {num_supernodes}; raise num-supernodes to "
+                f"at least {drawn} (nodes are cheap: Ray's actors do the work) or lower "
+                "fraction-train"
             )
     if cfg.adaptive_compression:
         _check_adaptive(cfg, get_compressor_class(cfg.method))
@@ -74,7 +85,7 @@ def validate_run(run_config: Mapping[str, Any], num_partitions: int | None = Non
         if cfg.adaptive_compression:  # the smallest ξ a client may get must build too
             smallest = cfg.replace(compression=cfg.compression_min)
             build_compressor(smallest, data.num_classes, hidden_size=front.hidden_size)
-        if num_partitions is not None:
+        if num_partitions:
             warn_small_partitions(cfg, [len(p) for p in run_partitions(cfg, num_partitions)])
     except (DataError, ModelError, ValueError) as exc:
         if isinstance(exc, ConfigError):

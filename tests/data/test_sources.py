@@ -294,7 +294,7 @@ def test_partitioning_60k_labels_is_fast() -> None:
     ("kwargs", "needle"),
     [
         ({"partitioner": "zipf"}, "partitioner"),
-        ({"partitioner": "iid", "num_partitions": 5000}, "num_partitions"),
+        ({"partitioner": "iid", "num_partitions": 5000}, "num-partitions"),
         ({"partitioner": "dirichlet", "min_partition_size": 300}, "min-partition-size"),
         ({"partitioner": "dirichlet", "alpha": 0.01, "min_partition_size": 150}, "alpha"),
         ({"partitioner": "pathological", "classes_per_client": 11}, "classes-per-client"),
@@ -374,3 +374,20 @@ def test_batch_cursor_deterministic_and_random_access() -> None:
     assert (ref.epoch, ref.position) == (1, 2)
     resumed = BatchCursor(idx, 8, 5, position=7)  # batch 7 of the stream, directly
     assert all(np.array_equal(x, y) for x, y in zip(_take(ref, 9), _take(resumed, 9), strict=True))
+
+
+@pytest.mark.parametrize(("n", "k"), [(1437, 10), (100, 7), (50, 50), (60000, 9999)])
+def test_iid_blocks_are_flwr_datasets_own(n: int, k: int) -> None:
+    """IID partitions are computed without a select per partition; they must stay the
+    IidPartitioner's own, through its ``load_partition``, index for index."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    labels = _labels(n, seed=4)
+    order = np.random.default_rng(11).permutation(n)
+    partitioner = IidPartitioner(k)
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "idx": order})
+    parts = D.partition_indices(labels, k, "iid", seed=11)
+    for i in sorted({0, 1, k // 2, k - 1}):
+        expected = np.sort(np.asarray(partitioner.load_partition(i)["idx"]))
+        np.testing.assert_array_equal(parts[i], expected)

@@ -183,7 +183,7 @@ def test_processor_size_must_match_the_model(tmp_path: Path, parquet: str) -> No
         InputSpec.for_model(vit, data)
     cfg = tiny_config(tmp_path, model=folder, dataset=parquet, split_index=2)
     with pytest.raises(ConfigError, match="48 px"):  # refused before anything runs
-        validate_run(cfg.to_run_config(), num_partitions=1)
+        validate_run(cfg.to_run_config(), num_supernodes=1)
 
 
 def test_no_processor_falls_back_to_the_dataset_with_one_warning(

@@ -179,19 +179,27 @@ def test_truncated_file_is_an_error_naming_it(crashed_in_round_3: RunConfig, nam
     assert path.read_bytes() == data[: len(data) // 2]  # left for the user to restore
 
 
+@pytest.mark.parametrize("num_partitions", [0, 4], ids=["node-per-partition", "pooled"])
 def test_killed_sampling_run_resumes_with_the_same_draws(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_partitions: int
 ) -> None:
     """Half of 4 partitions a round: the resumed run draws the partitions the uninterrupted
-    one drew (the sampler's state is in the checkpoint), so the metrics are the same."""
+    one drew (the sampler's state is in the checkpoint), so the metrics are the same; with
+    pooled clients too, whose two nodes run other clients after the restart."""
 
     def sampled(path: Path) -> RunConfig:
         return tiny_config(
-            path, method="adc", compression=0.25, num_server_rounds=4, fraction_train=0.5
+            path,
+            method="adc",
+            compression=0.25,
+            num_server_rounds=4,
+            fraction_train=0.5,
+            num_partitions=num_partitions,
         )
 
     def run4(cfg: RunConfig, seed: int) -> dict:
-        grid = InProcessGrid(client_module.app, 4, cfg.to_run_config(), seed=seed)
+        nodes = 2 if cfg.pooled else 4
+        grid = InProcessGrid(client_module.app, nodes, cfg.to_run_config(), seed=seed)
         return run_training(grid, cfg, progress=lambda _: None)
 
     whole = sampled(tmp_path / "whole")

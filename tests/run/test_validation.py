@@ -40,12 +40,12 @@ def test_each_bad_value_is_one_error_naming_its_key(
     changes: dict, partitions: int | None, message: str
 ) -> None:
     with pytest.raises(ConfigError) as raised:
-        validate_run(DIGITS | changes, num_partitions=partitions)
+        validate_run(DIGITS | changes, num_supernodes=partitions)
     assert message in str(raised.value)
 
 
 def test_a_valid_config_passes_and_is_returned() -> None:
-    cfg = validate_run(DIGITS | {"method": "c3sl", "c3sl-r": 4}, num_partitions=10)
+    cfg = validate_run(DIGITS | {"method": "c3sl", "c3sl-r": 4}, num_supernodes=10)
     assert cfg.method == "c3sl" and cfg.c3sl_r == 4
 
 

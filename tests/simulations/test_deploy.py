@@ -221,6 +221,7 @@ def test_private_keys_are_owner_only_from_the_start(
         (["33"], "must be an integer from 1 to 32, got '33'"),
         (["two", TINY], "must be an integer from 1 to 32, got 'two'"),
         ([], "usage: scripts/deploy_local.sh N"),
+        (["2", f"{TINY} num-partitions=8"], "the deployment runtime trains each SuperNode on"),
     ],
 )
 def test_bad_n_is_refused_at_once(tmp_path: Path, args: list[str], message: str) -> None:

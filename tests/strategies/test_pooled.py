@@ -1,0 +1,126 @@
+"""Pooled clients (``num-partitions``): a population larger than the SuperNodes, each round's
+clients run on whichever nodes are free. A client's numbers must not depend on the node that
+runs it: the same seed gives the tables of one node per partition, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from flwr.app import Message
+
+from adc_flwr.config import ConfigError
+from adc_flwr.run.validation import validate_run
+from strategies.lifecycle import check_runtime
+from tests.support.helpers import run_server_app, tiny_config
+
+WALL = ["wall_time_s"]
+
+
+def tables(cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+    run = Path(cfg.run_dir)
+    metrics = pd.read_csv(run / "metrics.csv").drop(columns=WALL, errors="ignore")
+    return metrics, pd.read_csv(run / "clients.csv")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"client_optimizer": "keep", "fraction_train": 0.5},
+        {"sl_mode": "vanilla", "fraction_train": 0.5, "client_optimizer": "keep"},
+        {
+            "federated_eval_every": 1,
+            "profile_mix": "edge",
+            "fraction_train": 0.5,
+            "over_select": 1.5,
+        },
+    ],
+    ids=["splitfed-keep", "vanilla-keep", "edge-fed-eval-over-select"],
+)
+def test_pooled_clients_repeat_one_node_per_partition(tmp_path: Path, changes: dict) -> None:
+    """Six partitions: once on six nodes that each hold one, once pooled on the fewest
+    nodes a round's draw needs (node ids random, handed out in another order)."""
+    base = dict(num_server_rounds=3, local_steps=2, **changes)
+    own = tiny_config(tmp_path / "own", **base)
+    summary_own, _ = run_server_app(own, 6, seed=1)
+    pooled = tiny_config(tmp_path / "pooled", num_partitions=6, **base)
+    nodes = pooled.draws_per_round(6)
+    kinds: list[str] = []
+    summary_pooled, _ = run_server_app(
+        pooled, nodes, seed=7, before_call=lambda _, msg: kinds.append(msg.metadata.message_type)
+    )
+    assert summary_own["status"] == summary_pooled["status"] == "completed"
+    assert nodes < 6
+    for a, b in zip(tables(own), tables(pooled), strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    assert "query.info" not in kinds  # nobody is asked which partition it holds
+    assert _same_but_wall(summary_own["history"], summary_pooled["history"])
+
+
+def _same_but_wall(a: list[dict], b: list[dict]) -> bool:
+    drop = ("wall_time_s",)
+    return [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+
+
+def test_keep_moments_travel_with_the_client_not_the_node(tmp_path: Path) -> None:
+    """With ``keep`` a pooled client's moments come back with its next ``train.start``,
+    whichever node runs it; its node holds nothing of it between rounds."""
+    cfg = tiny_config(
+        tmp_path, num_partitions=4, fraction_train=0.5, num_server_rounds=4, client_optimizer="keep"
+    )
+    starts: list[tuple[int, bool]] = []
+
+    def before_call(_node_partition: int, msg: Message) -> None:
+        if msg.metadata.message_type == "train.start":
+            starts.append((int(msg.content["config"]["partition-id"]), "optim" in msg.content))
+
+    summary, grid = run_server_app(cfg, 2, before_call=before_call, seed=3)
+    assert summary["status"] == "completed"
+    seen: set[int] = set()
+    for partition, carried in starts:
+        assert carried == (partition in seen)  # moments from its own earlier round only
+        seen.add(partition)
+    assert len(seen) > 2  # more clients than nodes trained
+    assert all(len(c.state) == 0 for c in grid.contexts.values())
+
+
+def test_more_partitions_than_nodes_trains_every_round(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, num_partitions=40, fraction_train=0.05, num_server_rounds=3)
+    summary, grid = run_server_app(cfg, 2, seed=5)
+    assert summary["status"] == "completed"
+    assert [h["clients"] for h in summary["history"]] == [2, 2, 2]
+    profiles = pd.read_csv(Path(cfg.run_dir) / "profiles.csv")
+    partitions = pd.read_csv(Path(cfg.run_dir) / "partitions.csv")
+    assert len(profiles) == len(partitions) == 40
+    assert len(grid.contexts) == 2
+
+
+def test_too_few_nodes_for_a_draw_is_refused_before_the_run(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, num_partitions=40, fraction_train=0.1)
+    with pytest.raises(ConfigError, match=r"num-partitions.*4 client.*num-supernodes = 3"):
+        validate_run(cfg.to_run_config(), num_supernodes=3)
+    validate_run(cfg.to_run_config(), num_supernodes=4)
+    with pytest.raises(ConfigError, match=r"must be in \[1, 1437\]"):
+        validate_run(tiny_config(tmp_path, num_partitions=2000).to_run_config())
+
+
+def test_a_pick_without_a_free_node_is_unavailable_not_trained_twice(tmp_path: Path) -> None:
+    """Fewer nodes than a draw at run time (the pre-run check is bypassed here): the picks
+    left over are counted unavailable, never doubled up on a node."""
+    cfg = tiny_config(tmp_path, num_partitions=8, fraction_train=0.5, num_server_rounds=2)
+    summary, _ = run_server_app(cfg, 3, seed=2)
+    assert summary["status"] == "completed"
+    assert [(h["sampled"], h["clients"]) for h in summary["history"]] == [(4, 3), (4, 3)]
+    assert summary["drops"]["unavailable"] == 2
+
+
+def test_deployment_grid_refuses_pooled_clients(tmp_path: Path) -> None:
+    from flwr.superlink.grid import HttpGrid
+
+    grid = HttpGrid.__new__(HttpGrid)  # its type is what matters; nothing is connected
+    with pytest.raises(ConfigError, match="deployment runtime trains each SuperNode"):
+        check_runtime(grid, tiny_config(tmp_path, num_partitions=4))
+    check_runtime(grid, tiny_config(tmp_path))
