@@ -95,7 +95,9 @@ def test_two_workers_give_one_workers_numbers_and_skip_what_is_done(tmp_path: Pa
 @pytest.mark.slow  # a real Ctrl-C of a parallel sweep, then its rerun
 def test_ctrl_c_interrupts_every_running_point_and_leaves_no_worker(tmp_path: Path) -> None:
     before = {p.pid for p in ray_processes()}
-    proc = sweep(tmp_path, "ctrl", "--workers", "2", "--verbose", rounds=40, start_new_session=True)
+    proc = sweep(
+        tmp_path, "ctrl", "--workers", "2", "--verbose", rounds=400, start_new_session=True
+    )
     out = tmp_path / "ctrl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # both points have written a round
