@@ -225,6 +225,9 @@ def cached_client_data(
         except (OSError, ValueError, KeyError, TypeError):
             shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuilt below
     client = build()
-    _write(entry, client)
-    _evict(root, entry)
-    return _read(entry)
+    try:  # a cache that cannot be written (full disk, a racing node) is only slower
+        _write(entry, client)
+        _evict(root, entry)
+        return _read(entry)
+    except (OSError, ValueError, KeyError, TypeError):
+        return client

@@ -52,13 +52,17 @@ def ray_results(
     workers: int,
     point_cpus: float,
     point_gpus: float,
+    lost: Callable[[Point, Exception], Any],
     started: Callable[[Point], None] = lambda _: None,
 ) -> Iterator[tuple[int, Any]]:
     """``(index, run_point(*point_args(point)))`` for each point, as the tasks finish; at most
-    ``workers`` tasks in flight. ``started(point)`` is called as each task is submitted."""
+    ``workers`` tasks in flight. ``started(point)`` is called as each task is submitted; a
+    task Ray lost (its worker killed, out of memory) gives ``lost(point, error)`` instead,
+    and the other points go on."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS") or None
+    # "local": a private Ray, never a cluster an earlier `ray start` left on this machine
+    address = os.environ.get("RAY_ADDRESS") or "local"
     own_cluster = not ray.is_initialized()
     if own_cluster:
         ray.init(
@@ -73,16 +77,21 @@ def ray_results(
     )
     threads = max(1, int(point_cpus))
     queue = list(points)
-    pending: dict[Any, int] = {}
+    pending: dict[Any, tuple[int, Point]] = {}
     try:
         while queue or pending:
             while queue and len(pending) < workers:
                 index, point = queue.pop(0)
                 started(point)
-                pending[task.remote(run_point, threads, *point_args(point))] = index
+                pending[task.remote(run_point, threads, *point_args(point))] = (index, point)
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                yield pending.pop(ref), ray.get(ref)
+                index, point = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # not the point's own failure
+                    result = lost(point, exc)
+                yield index, result
     except BaseException:
         _cancel(ray, list(pending))
         raise

@@ -220,6 +220,7 @@ def run_sweep(
                 workers=workers,
                 point_cpus=point_cpus or 1.0,
                 point_gpus=point_gpus,
+                lost=lambda point, exc: PointResult(point, "failed", error=plain(str(exc))),
                 started=show,
             ),
         )

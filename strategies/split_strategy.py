@@ -378,8 +378,9 @@ class SplitLearningStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the server needs to continue after :attr:`last_round` as if never
-        stopped (client optimizer moments live in the clients' ``context.state`` and restart
-        on resume). Tensors and plain containers only: ``torch.load(weights_only=True)``."""
+        stopped (client optimizer moments, in the nodes' ``context.state`` or held for pooled
+        clients, are not in it and restart on resume). Tensors and plain containers only:
+        ``torch.load(weights_only=True)``."""
         decoder = self.server.compressor.server_module()
         channel = self.server.channel
         return {

@@ -150,6 +150,8 @@ class StepEngine:
                 costs.append(ClientCost(partition, down, up, batch, client.batch))
             exchange = 1 + min((c.step for c in active.values()), default=0)
             kept = self._settle(server_round, exchange, costs, active, outcome)
+            for partition in replies.keys() - set(kept):  # cut with its reply in: it trained
+                self.clients.remember(partition, replies[partition])  # those steps (keep)
             stepped: dict[int, Message] = {}  # replies of the clients that took this step
             for partition in kept:
                 client, reply = active[partition], replies[partition]

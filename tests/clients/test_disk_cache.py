@@ -116,3 +116,16 @@ def test_the_local_deployment_names_the_same_variable() -> None:
     from simulations import local_deployment
 
     assert local_deployment.NODE_CACHE_ENV == disk_cache.CACHE_ENV
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADC_NODE_CACHE under a file (or on a full disk): the message still gets its data."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(disk_cache.CACHE_ENV, str(blocker / "cache"))
+    cfg = tiny_config(tmp_path)
+    with_cache = client_setup(cfg, 1, 3)
+    monkeypatch.delenv(disk_cache.CACHE_ENV)
+    _same_client(with_cache, client_setup(cfg, 1, 3))

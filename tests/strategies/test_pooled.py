@@ -124,3 +124,35 @@ def test_deployment_grid_refuses_pooled_clients(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="deployment runtime trains each SuperNode"):
         check_runtime(grid, tiny_config(tmp_path, num_partitions=4))
     check_runtime(grid, tiny_config(tmp_path))
+
+
+def test_a_client_cut_on_its_last_exchange_keeps_that_rounds_moments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock drops partition 0's reply that carries its trained front (and, pooled, its
+    moments): as with a node of its own, it keeps the moments of the steps it took, so the
+    later rounds are the same."""
+    from adc_flwr.run.summary import DROPPED_OUT
+    from strategies.simulated_clients import SimulatedClients
+
+    real = SimulatedClients.settle
+
+    def settle(self, server_round, exchange, costs, steps_of, keep=None):
+        dropped = real(self, server_round, exchange, costs, steps_of, keep)
+        if server_round == 1 and 0 in steps_of and exchange == steps_of[0]:
+            dropped[0] = DROPPED_OUT  # its last exchange: the reply carries its front
+            self.to_stop.add(0)
+        return dropped
+
+    monkeypatch.setattr(SimulatedClients, "settle", settle)
+    base = dict(num_server_rounds=3, local_steps=2, client_optimizer="keep", fraction_train=1.0)
+    own = tiny_config(tmp_path / "own", **base)
+    run_server_app(own, 3, seed=1)
+    pooled = tiny_config(tmp_path / "pooled", num_partitions=3, **base)
+    run_server_app(pooled, 3, seed=4)
+    clients = tables(own)[1]
+    assert clients.loc[(clients["round"] == 1) & (clients["partition"] == 0), "outcome"].item() == (
+        DROPPED_OUT
+    )
+    for a, b in zip(tables(own), tables(pooled), strict=True):
+        pd.testing.assert_frame_equal(a, b)
