@@ -67,6 +67,12 @@ def tables(out: Path) -> dict[str, pd.DataFrame]:
     return frames
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """SIGINT as a foreground process at a terminal has it: a shell without job control
+    (a CI script's ``cmd &``) starts its background children with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def ray_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "name"]):
@@ -96,7 +102,14 @@ def test_two_workers_give_one_workers_numbers_and_skip_what_is_done(tmp_path: Pa
 def test_ctrl_c_interrupts_every_running_point_and_leaves_no_worker(tmp_path: Path) -> None:
     before = {p.pid for p in ray_processes()}
     proc = sweep(
-        tmp_path, "ctrl", "--workers", "2", "--verbose", rounds=400, start_new_session=True
+        tmp_path,
+        "ctrl",
+        "--workers",
+        "2",
+        "--verbose",
+        rounds=400,
+        start_new_session=True,
+        preexec_fn=_ctrl_c_as_at_a_terminal,
     )
     out = tmp_path / "ctrl"
     deadline = time.monotonic() + 300
