@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adc_flwr.privacy.columns import PRIVACY_MODES
+
 DATASETS_HELP = (
     "'fashion-mnist', 'digits', 'hf:<hub id>', 'parquet:<dir or file>' or 'imagefolder:<dir>'"
 )
@@ -99,6 +101,10 @@ class RunConfig:
     compression_min: float = 0.01
     federated_eval_every: int = 0
     federated_eval_fraction: float = 0.1
+    privacy_eval: str = "off"
+    privacy_aux_samples: int = 2000
+    privacy_clients: int = 4
+    privacy_epochs: int = 30
     out_dir: str = "results"
     run_name: str = ""
 
@@ -359,6 +365,10 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "compression-min": _in_range(1e-4, 1),  # ξ is rounded to 4 digits
     "federated-eval-every": _in_range(0),
     "federated-eval-fraction": _in_range(0, 0.5, low_open=True),
+    "privacy-eval": _one_of(*PRIVACY_MODES),
+    "privacy-aux-samples": _in_range(1),
+    "privacy-clients": _in_range(1),
+    "privacy-epochs": _in_range(1),
     "out-dir": _non_empty,
     "run-name": run_name_problem,
 }

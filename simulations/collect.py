@@ -6,7 +6,9 @@ writes, atomically, beside the runs:
 - ``table.csv``: one row per run (status, why it stopped, final accuracy, MB, times);
 - the tidy tables of :mod:`simulations.tables`: ``evals``, one row per completed run per
   evaluation with every config key; ``clients``, one row per sampled client per round;
-  ``partitions``, train samples per class per partition (each as csv and parquet).
+  ``partitions``, train samples per class per partition; ``privacy``, one row per audited
+  round per reference (``privacy-eval``) (each as csv and parquet), and
+  ``privacy_images.npz``, each run's example reconstructions keyed ``<run>/<name>``.
 
 The tables are all a notebook needs, so results can ship without their run directories
 (``simulations/results/``); collecting a folder with no runs leaves its tables alone.
@@ -31,12 +33,14 @@ from typing import Any
 
 import pandas as pd
 
-from adc_flwr.run.files import RunDirError, atomic_write_text
+from adc_flwr.run.files import RunDirError, atomic_write_text, write_arrays
+from adc_flwr.run.run_dir import PRIVACY_IMAGES_FILE
 from simulations.tables import (
     CLIENTS,
     CONFIG_KEYS,
     EVALS,
     PARTITIONS,
+    PRIVACY,
     _mb,
     _runs,
     _swept_keys,
@@ -44,6 +48,8 @@ from simulations.tables import (
     curves,
     nominal_level,
     partition_counts,
+    privacy_images,
+    privacy_rounds,
     write_tidy,
 )
 
@@ -68,6 +74,16 @@ RESULT_COLUMNS = (
     "wall_time_s",
     "sim_time_s",
     "error",
+)
+# the last privacy audit's scores (summary.json), added to table.csv when a run has them
+PRIVACY_RESULT_COLUMNS = (
+    "privacy_ssim",
+    "privacy_psnr",
+    "privacy_mse",
+    "privacy_ssim_mean_image",
+    "privacy_ssim_best_member",
+    "privacy_dcor",
+    "privacy_dcor_unbiased",
 )
 
 
@@ -112,6 +128,7 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
                 "wall_time_s": summary.get("wall_time_s"),
                 "sim_time_s": summary.get("sim_time_s"),
                 "error": summary.get("error"),
+                **{k: summary[k] for k in PRIVACY_RESULT_COLUMNS if k in summary},
             }
         )
     # points the sweep tried that left no run directory (refused before they started)
@@ -120,6 +137,8 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
         if name not in seen:
             rows.append({"run": name, "status": result.get("status"), "error": result.get("error")})
     columns = ["run", "method", "compression", "level", *swept, *RESULT_COLUMNS]
+    if any("privacy_ssim" in row for row in rows):
+        columns += PRIVACY_RESULT_COLUMNS
     table = pd.DataFrame(rows, columns=columns)
     if len(table):
         rank = table["method"].map(_method_rank)
@@ -133,6 +152,9 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     write_tidy(results_dir, EVALS, curves(results_dir, all_keys=True))
     write_tidy(results_dir, CLIENTS, client_rounds(results_dir))
     write_tidy(results_dir, PARTITIONS, partition_counts(results_dir))
+    write_tidy(results_dir, PRIVACY, privacy_rounds(results_dir))
+    if images := privacy_images(results_dir):
+        write_arrays(Path(results_dir) / PRIVACY_IMAGES_FILE, images)
     return table
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simulations.collect import CLIENTS, EVALS, PARTITIONS, TABLE_FILE, over_seeds
+from adc_flwr.run.files import read_arrays
+from adc_flwr.run.run_dir import PRIVACY_IMAGES_FILE
+from simulations.collect import CLIENTS, EVALS, PARTITIONS, PRIVACY, TABLE_FILE, over_seeds
 
 SHIPPED = Path(__file__).resolve().parent / "results"
 FIGURES_ENV = "ADC_FIGURES"  # where notebooks save PNGs; default: beside the tables
@@ -25,14 +27,15 @@ FIGURES_ENV = "ADC_FIGURES"  # where notebooks save PNGs; default: beside the ta
 
 @dataclass
 class Study:
-    """A sweep's tables: ``table`` (one row per run) and the tidy ``evals``, ``clients``
-    and ``partitions`` (empty when the sweep did not record them)."""
+    """A sweep's tables: ``table`` (one row per run) and the tidy ``evals``, ``clients``,
+    ``partitions`` and ``privacy`` (empty when the sweep did not record them)."""
 
     folder: Path
     table: pd.DataFrame
     evals: pd.DataFrame
     clients: pd.DataFrame
     partitions: pd.DataFrame
+    privacy: pd.DataFrame
 
     @property
     def completed(self) -> pd.DataFrame:
@@ -73,7 +76,7 @@ def load_study(folder: str | os.PathLike[str]) -> Study:
         return pd.DataFrame()
 
     table = pd.read_csv(folder / TABLE_FILE)
-    return Study(folder, table, tidy(EVALS), tidy(CLIENTS), tidy(PARTITIONS))
+    return Study(folder, table, tidy(EVALS), tidy(CLIENTS), tidy(PARTITIONS), tidy(PRIVACY))
 
 
 # ---- naming points --------------------------------------------------------------------
@@ -247,3 +250,40 @@ __all__ = [
     "seed_curves",
     "with_points",
 ]
+
+
+# ---- privacy ---------------------------------------------------------------------------
+
+PRIVACY_SCORES = ("ssim", "psnr", "mse", "ssim_mean_image", "dcor", "dcor_unbiased")
+
+
+def privacy_runs(study: Study) -> pd.DataFrame:
+    """One row per completed run with an audit: its accuracy and MB (``table.csv``), its
+    ``split-index``, and the last audit's scores against the merged target (``ssim``, ...)
+    and the best member (``ssim_best_member``, ...)."""
+    priv = study.privacy
+    if priv.empty:
+        return pd.DataFrame()
+    last = priv[priv["round"] == priv.groupby("run")["round"].transform("max")]
+    merged = last[last["reference"] == "merged"].set_index("run")[list(PRIVACY_SCORES)]
+    best = last[last["reference"] == "best-member"].set_index("run")[list(PRIVACY_SCORES)]
+    scores = merged.join(best.add_suffix("_best_member"))
+    runs = study.attach(study.completed, ["split-index", "seed"])
+    columns = ["run", "method", "level", "split-index", "seed", "test_accuracy", "mb_total"]
+    return runs.merge(scores, left_on="run", right_index=True)[columns + list(scores.columns)]
+
+
+def privacy_over_seeds(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per point (method, level, split) the mean and std over seeds of accuracy, MB and the
+    scores of :func:`privacy_runs`, and the number of seeds (``seeds``)."""
+    values = [c for c in runs.columns if c not in ("run", "method", "level", "split-index", "seed")]
+    by = ["method", "level", "split-index"]
+    grouped = runs.groupby(by, sort=False)[values]
+    out = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
+    out["seeds"] = grouped.size()
+    return out.reset_index()
+
+
+def privacy_images(study: Study) -> dict[str, np.ndarray]:
+    """The shipped example images (``privacy_images.npz``), keyed ``<run>/<name>``."""
+    return read_arrays(study.folder / PRIVACY_IMAGES_FILE)

@@ -15,15 +15,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from adc_flwr.config import RunConfig, nominal_level
+from adc_flwr.privacy.columns import PRIVACY_COLUMNS
 from adc_flwr.run.files import atomic_write_bytes, atomic_write_text
 from adc_flwr.run.run_dir import CLIENT_COLUMNS, CONFIG_FILE, PARTITIONS_FILE, RunDir
 
 # the tidy tables of a sweep, each as csv and parquet: one row per run per evaluation (every
 # config key), per client per round (clients.csv) and per partition per class (partitions.csv)
-EVALS, CLIENTS, PARTITIONS = "evals", "clients", "partitions"
+EVALS, CLIENTS, PARTITIONS, PRIVACY = "evals", "clients", "partitions", "privacy"
 CONFIG_KEYS = tuple(k for k in RunConfig().to_run_config() if k not in ("out-dir", "run-name"))
 BYTES_PER_MB = 1e6  # as accounting.py: MB = 1e6 bytes
 
@@ -113,6 +115,36 @@ def client_rounds(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     front = [c for c in frame.columns if c not in CLIENT_COLUMNS]
     return frame[front + [c for c in frame.columns if c in CLIENT_COLUMNS]]
+
+
+def privacy_rounds(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Every completed run's ``privacy.csv`` (two rows per audited round: the scores against
+    the merged target and the best member), with the run's name, method, level, seed and
+    the keys that vary between runs in front; join ``table.csv`` on ``run`` for accuracy
+    and bytes."""
+    runs = _completed(_runs(results_dir))
+    keys = _naming_keys(runs)
+    frames = [
+        rows.assign(**_run_columns(run, config, keys))
+        for run, config in runs
+        if not (rows := run.read_privacy()).empty
+    ]
+    if not frames:
+        return pd.DataFrame(columns=["run", "method", "level", *keys, *PRIVACY_COLUMNS])
+    frame = pd.concat(frames, ignore_index=True)
+    front = [c for c in frame.columns if c not in PRIVACY_COLUMNS]
+    return frame[front + list(PRIVACY_COLUMNS)]
+
+
+def privacy_images(results_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every completed run's ``privacy_images.npz``, keyed ``<run>/<name>`` (``merged``,
+    ``best_member``, ``reconstruction``): the figure of originals against
+    reconstructions, without the run directories."""
+    return {
+        f"{run.path.name}/{name}": array
+        for run, _ in _completed(_runs(results_dir))
+        for name, array in run.read_privacy_images().items()
+    }
 
 
 def partition_counts(results_dir: str | os.PathLike[str]) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from adc_flwr.config import ConfigError, RunConfig
 from adc_flwr.data import ImageSplit, load_data
 from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import build_model, split_vit
+from adc_flwr.privacy.audit import PrivacyAudit, aux_split, privacy_summary
 from adc_flwr.run.files import RunDirError
 from adc_flwr.run.lock import TOKEN_ENV, RunLock
 from adc_flwr.run.resume import FINISHED, NEW, RESUME, resumable_checkpoint, run_state
@@ -73,15 +74,21 @@ def build_strategy(
         precision=cfg.precision,
     )
     modules = client_modules(front, compressor)
+    spec = InputSpec.for_model(vit, data, cfg.model)
+    test, audit = data.test, None
+    if cfg.privacy_eval != "off":  # the attacker's images are not evaluated on
+        test, aux = aux_split(data.test, cfg.privacy_aux_samples, cfg.seed)
+        audit = PrivacyAudit(cfg, compressor, spec, data.train, aux, vit.config.patch_size)
     strategy = SplitLearningStrategy(
         cfg,
         server,
         modules,
-        evaluation_split(data.test, cfg.eval_samples, cfg.seed),
-        InputSpec.for_model(vit, data, cfg.model),
+        evaluation_split(test, cfg.eval_samples, cfg.seed),
+        spec,
         run_dir=run_dir,
         progress=progress,
         checkpoint=None if run_dir is None else run_dir.save_checkpoint,
+        privacy=audit,
     )
     return strategy, state_to_record(modules_state(modules))
 
@@ -173,7 +180,7 @@ def _run_locked(
         if strategy is None:
             summary = run_summary(status, [], Traffic(), None, error=error)
         else:
-            summary = _summary(strategy, status, error=error)
+            summary = _summary(strategy, status, run_dir, error=error)
         progress(f"run {status}: {error}")
         if not interrupted:
             traceback.print_exc()
@@ -183,7 +190,7 @@ def _run_locked(
         except RunDirError as also:  # a full disk fails the summary too: say both
             progress(f"the {status} summary could not be written either: {also}")
         raise
-    summary = _summary(strategy, "completed", stop_reason=strategy.stop_reason)
+    summary = _summary(strategy, "completed", run_dir, stop_reason=strategy.stop_reason)
     run_dir.write_summary(summary)
     run_dir.close()
     progress(
@@ -193,8 +200,12 @@ def _run_locked(
     return summary
 
 
-def _summary(strategy: SplitLearningStrategy, status: str, **extra: Any) -> dict[str, Any]:
+def _summary(
+    strategy: SplitLearningStrategy, status: str, run_dir: RunDir, **extra: Any
+) -> dict[str, Any]:
     extra.setdefault("sim_time_s", strategy.clients.clock.now)
+    if strategy.privacy is not None:
+        extra |= privacy_summary(run_dir.read_privacy())
     extra.setdefault("clients_missed", list(strategy.recorder.missed.values()))
     extra.setdefault("batch_clamped", strategy.clients.batch_clamped)
     return run_summary(

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from adc_flwr.config import RunConfig
 from adc_flwr.run.run_dir import RunDir
 from adc_flwr.run.summary import ERROR, TIMEOUT, UNAVAILABLE
@@ -95,6 +97,23 @@ class RunRecorder:
         eta = per_round * (self.cfg.num_server_rounds - server_round)
         self.progress(round_line(row, self.cfg.num_server_rounds, eta))
         return row
+
+    def privacy(
+        self, server_round: int, rows: list[dict[str, Any]], images: dict[str, np.ndarray]
+    ) -> None:
+        """The privacy audit's rows (``privacy.csv``, fsynced), its example images
+        (``privacy_images.npz``) and one line on them."""
+        if self.run_dir is not None:
+            self.run_dir.write_privacy_images(images)
+            self.run_dir.append_privacy(server_round, rows)
+        merged, best = rows  # REFERENCES order
+        self.progress(
+            f"  privacy after round {server_round}: reconstruction SSIM {merged['ssim']:.3f} "
+            f"(the mean image: {merged['ssim_mean_image']:.3f}; best member "
+            f"{best['ssim']:.3f}), PSNR {merged['psnr']:.1f} dB, dCor {merged['dcor']:.3f} (bias-"
+            f"corrected dCor² {merged['dcor_unbiased']:.3f}), "
+            f"{merged['wall_time_s']:.0f} s"
+        )
 
     def client_rows(self, server_round: int, outcome: RoundOutcome) -> list[dict[str, object]]:
         """This round's ``clients.csv`` rows: every sampled client, what it cost, how it ended."""

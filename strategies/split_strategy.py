@@ -30,6 +30,7 @@ from adc_flwr.config import RunConfig
 from adc_flwr.data import ImageSplit
 from adc_flwr.model.flops import step_flops
 from adc_flwr.model.inputs import InputSpec
+from adc_flwr.privacy.audit import PrivacyAudit
 from adc_flwr.run.run_dir import RunDir
 from adc_flwr.run.summary import STRAGGLER, UNAVAILABLE
 from adc_flwr.training.modules import load_modules_state, modules_state
@@ -61,6 +62,7 @@ class SplitLearningStrategy(Strategy):
         progress: called with one line of text per round (and per group of drops).
         checkpoint: called with :meth:`state_dict` after each round that met ``min-clients``
             (the run directory's ``save_checkpoint``; None: no checkpoints).
+        privacy: the server's reconstruction attack (``privacy-eval``; None: off).
     """
 
     def __init__(
@@ -74,12 +76,15 @@ class SplitLearningStrategy(Strategy):
         run_dir: RunDir | None = None,
         progress: Callable[[str], None] = print,
         checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        privacy: PrivacyAudit | None = None,
     ) -> None:
         self.cfg = cfg
         self.server = server
         self.client_modules = client_modules
         self.progress = progress
         self.checkpoint = checkpoint
+        self.privacy = privacy
+        self.audited_round = 0  # the last round whose privacy audit is written
         front = client_modules["front"]
         front_shape = (front.num_tokens, front.hidden_size)  # (n, d) of the front output
         self.ledger = TrafficLedger()
@@ -251,10 +256,13 @@ class SplitLearningStrategy(Strategy):
             if outcome.budget_hit:
                 self.stop_reason = "budget-mb"
             self.last_round = server_round
+            self.audit(server_round, final=server_round == num_rounds or outcome.budget_hit)
             if self.checkpoint is not None:
                 self.checkpoint(self.state_dict())
             if outcome.budget_hit:
                 break
+        # the budget ran out between rounds: the round before is the last one
+        self.audit(self.last_round, final=True)
         return result
 
     def run_round(
@@ -358,6 +366,18 @@ class SplitLearningStrategy(Strategy):
         self.recorder.evaluation(server_round, step, accuracy, loss, outcome.fed_eval_summary())
         return self.recorder.round(server_round, step, outcome, accuracy, loss)
 
+    def audit(self, server_round: int, *, final: bool) -> None:
+        """The privacy audit after ``server_round`` when ``privacy-eval`` asks for one and it
+        is not written yet; its rows go to ``privacy.csv``."""
+        if self.privacy is None or server_round < 1 or server_round == self.audited_round:
+            return
+        if not self.privacy.due(server_round, final=final):
+            return
+        assert self.clients.population is not None  # set by the round's draw
+        result = self.privacy.run(self.client_modules, server_round, len(self.clients.population))
+        self.recorder.privacy(server_round, result.rows, result.images)
+        self.audited_round = server_round
+
     def _record_evaluate_fn(
         self,
         result: Result,
@@ -400,6 +420,7 @@ class SplitLearningStrategy(Strategy):
             "wall_time_s": self.elapsed(),
             "sim_time_s": self.clients.clock.now,
             "stop_reason": self.stop_reason,
+            "audited_round": self.audited_round,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -424,3 +445,4 @@ class SplitLearningStrategy(Strategy):
         self.recorder.wall_offset = float(state["wall_time_s"])
         self.clients.clock.now = float(state["sim_time_s"])
         self.stop_reason = str(state["stop_reason"])
+        self.audited_round = int(state.get("audited_round", 0))

@@ -179,6 +179,14 @@ class ADCCompressor(Compressor):
         cls_col = torch.zeros(t, 1, dtype=torch.int64, device=top.device)
         return assign, torch.cat([cls_col, top], dim=1)  # (T, k)
 
+    def row_sources(self, packet: Packet, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Row ``t`` is cluster ``t``'s mean: weights ``1/|cluster|`` on its members."""
+        assign = packet.plan["assign"]  # (B,)
+        t = packet.tensors["act"].shape[0]
+        members = torch.zeros(t, batch_size, device=assign.device)  # (T, B)
+        members[assign, torch.arange(batch_size, device=assign.device)] = 1.0
+        return members / members.sum(dim=1, keepdim=True).clamp_min(1), members.bool()
+
     # ---- server ---------------------------------------------------------------------
 
     def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -178,6 +178,17 @@ class Compressor(ABC):
         leaves = {k: t for k, t in tensors.items() if t.is_floating_point() and t.requires_grad}
         return self._decode(tensors), leaves
 
+    def row_sources(self, packet: Packet, batch_size: int) -> tuple[Tensor, Tensor]:
+        """What each row of :meth:`server_decode`'s output stands for, for the privacy audit.
+
+        Returns ``weights`` ``(B', B)``: decoded row ``j`` stands for the image
+        ``Σ_i weights[j, i] · x_i`` (its merged target), and ``mixed`` ``(B', B)`` bool: the
+        samples whose activations went into row ``j``'s wire content (a reconstruction is
+        also compared with the best of them). Default: one row per sample, nothing mixed.
+        """
+        eye = torch.eye(batch_size, device=packet.targets.device)
+        return eye, eye.bool()
+
     # ---- evaluation -----------------------------------------------------------------
 
     def eval_forward(self, h: torch.Tensor, client_part: nn.Module | None = None) -> torch.Tensor:

@@ -153,6 +153,11 @@ class C3SLCompressor(Compressor):
             tensors["valid"] = torch.tensor(b, dtype=torch.int64, device=h.device)
         return Packet(tensors=tensors, targets=labels.long(), soft_targets=False)
 
+    def row_sources(self, packet: Packet, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The server unbinds one row per sample; a group's ``R`` samples share its wire row."""
+        group = torch.arange(batch_size, device=packet.targets.device) // self.r  # (B,)
+        return torch.eye(batch_size, device=group.device), group[:, None] == group[None, :]
+
     # ---- server ---------------------------------------------------------------------
 
     def _decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

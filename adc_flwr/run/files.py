@@ -14,10 +14,12 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 
@@ -141,3 +143,25 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise RunDirError(f"{path} does not hold a JSON object; restore it or move it away")
     return value
+
+
+def write_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
+    """Named numeric arrays as a compressed ``.npz``, atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` ({} when absent). Object arrays are refused, not unpickled;
+    a file that is no ``.npz`` is a :class:`RunDirError` naming it."""
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise RunDirError(
+            f"{path} is damaged or not a file of numeric arrays ({type(exc).__name__}: {exc}); "
+            "restore it or move it away"
+        ) from exc

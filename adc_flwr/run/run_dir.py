@@ -11,6 +11,10 @@
   evaluation over the round's clients (mean, 10th percentile, worst), on eval rows.
 - ``clients.csv``: append-only, one row per sampled client per round
   (:data:`CLIENT_COLUMNS`), written at the round's end; resumed like ``metrics.csv``.
+- ``privacy.csv``: append-only, two rows per audited round (``privacy-eval``), the columns
+  of :data:`~adc_flwr.privacy.columns.PRIVACY_COLUMNS`; resumed like ``metrics.csv``.
+- ``privacy_images.npz``: the last audit's example images, uint8 arrays (atomic write; read
+  with ``allow_pickle=False``).
 - ``profiles.csv``: each partition's link and device (:mod:`adc_flwr.population.profiles`).
 - ``partitions.csv``: each partition's train samples per class (before any held-out share).
 - ``summary.json`` (atomic write), built with :func:`make_summary`. Keys, always present:
@@ -46,16 +50,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adc_flwr.privacy.columns import PRIVACY_COLUMNS
 from adc_flwr.run.files import (
     RunDirError,
     _read_json,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    read_arrays,
+    write_arrays,
 )
 from adc_flwr.run.table import RoundTable
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 # the traffic so far, on every metrics row and in the summary (``Traffic.as_dict()``)
@@ -103,6 +111,8 @@ CLIENT_COLUMNS: tuple[str, ...] = (
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 CLIENTS_FILE = "clients.csv"
+PRIVACY_FILE = "privacy.csv"
+PRIVACY_IMAGES_FILE = "privacy_images.npz"
 PROFILES_FILE = "profiles.csv"
 PARTITIONS_FILE = "partitions.csv"
 SUMMARY_FILE = "summary.json"
@@ -112,6 +122,8 @@ RUN_FILES = (
     CONFIG_FILE,
     METRICS_FILE,
     CLIENTS_FILE,
+    PRIVACY_FILE,
+    PRIVACY_IMAGES_FILE,
     PROFILES_FILE,
     PARTITIONS_FILE,
     SUMMARY_FILE,
@@ -136,6 +148,7 @@ class RunDir:
             self.path / METRICS_FILE, METRIC_COLUMNS, atomic_write_text, _check_kind
         )
         self.clients = RoundTable(self.path / CLIENTS_FILE, CLIENT_COLUMNS, atomic_write_text)
+        self.privacy = RoundTable(self.path / PRIVACY_FILE, PRIVACY_COLUMNS, atomic_write_text)
 
     def foreign_files(self) -> list[str]:
         """Names in the directory that no run writes (sorted): someone else's files. A temp
@@ -191,15 +204,22 @@ class RunDir:
         """Append one round's rows of ``clients.csv``."""
         self.clients.append(rows)
 
+    def append_privacy(self, server_round: int, rows: list[Mapping[str, Any]]) -> None:
+        """Write the audit of ``server_round`` to ``privacy.csv``, replacing any rows of that
+        round or later (an audit after the last checkpoint that is being redone), and fsync."""
+        self.privacy.truncate_after(server_round - 1)
+        self.privacy.append(rows)
+        self.privacy.flush()
+
     def flush(self) -> None:
-        """fsync both tables so that rows written so far survive a machine crash."""
-        self.metrics.flush()
-        self.clients.flush()
+        """fsync the tables so that rows written so far survive a machine crash."""
+        for table in (self.metrics, self.clients, self.privacy):
+            table.flush()
 
     def close(self) -> None:
-        """fsync and close both tables (a later append reopens them)."""
-        self.metrics.close()
-        self.clients.close()
+        """fsync and close the tables (a later append reopens them)."""
+        for table in (self.metrics, self.clients, self.privacy):
+            table.close()
 
     def __enter__(self) -> RunDir:
         return self
@@ -215,10 +235,23 @@ class RunDir:
         """All ``clients.csv`` rows so far."""
         return self.clients.read()
 
+    def write_privacy_images(self, images: Mapping[str, np.ndarray]) -> None:
+        """Write the audit's example images as ``privacy_images.npz`` (atomic)."""
+        write_arrays(self.path / PRIVACY_IMAGES_FILE, images)
+
+    def read_privacy_images(self) -> dict[str, np.ndarray]:
+        """The last audit's example images ({} before any); never unpickles."""
+        return read_arrays(self.path / PRIVACY_IMAGES_FILE)
+
+    def read_privacy(self) -> pd.DataFrame:
+        """All ``privacy.csv`` rows so far."""
+        return self.privacy.read()
+
     def truncate_metrics_after(self, server_round: int) -> int:
-        """Drop rows of rounds after ``server_round`` from both tables, and torn last lines
+        """Drop rows of rounds after ``server_round`` from the tables, and torn last lines
         (a crash mid-row); kept rows stay byte for byte. Returns the metrics lines dropped."""
         self.clients.truncate_after(server_round)
+        self.privacy.truncate_after(server_round)
         return self.metrics.truncate_after(server_round)
 
     def step_rows(self) -> int:

@@ -78,6 +78,12 @@ def validate_run(run_config: Mapping[str, Any], num_supernodes: int | None = Non
         raise ConfigError(str(exc)) from exc
     try:
         data = load_data(cfg.dataset, cfg.data_dir)
+        if cfg.privacy_eval != "off" and cfg.privacy_aux_samples >= len(data.test):
+            raise ConfigError(
+                f"run-config key 'privacy-aux-samples' = {cfg.privacy_aux_samples}: the test "
+                f"split holds {len(data.test)} images, and central evaluation keeps the rest; "
+                f"allowed range is [1, {len(data.test) - 1}]"
+            )
         vit = build_model(cfg, data)
         InputSpec.for_model(vit, data, cfg.model)  # a checkpoint's image processor
         front, _ = split_vit(vit, cfg.split_index)

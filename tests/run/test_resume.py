@@ -75,6 +75,18 @@ def kill_on_call(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, call: in
     monkeypatch.setattr(cls, name, wrapper)
 
 
+def kill_then_rerun(
+    monkeypatch: pytest.MonkeyPatch, cfg: RunConfig, cls: type, where: str, call: int
+) -> dict:
+    """Kill ``cfg``'s run on the ``call``-th call of ``cls.where``, rerun it with other node
+    ids (a new process) and return the rerun's summary."""
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, cls, where, call)
+        with pytest.raises(Kill):
+            run(cfg, seed=1)
+    return run(cfg, seed=2)
+
+
 @pytest.mark.parametrize(
     ("cls", "where", "call"),
     [
@@ -93,11 +105,7 @@ def test_killed_run_resumes_to_the_same_metrics(
     call: int,
 ) -> None:
     cfg = config(tmp_path)
-    with monkeypatch.context() as patch:
-        kill_on_call(patch, cls, where, call)
-        with pytest.raises(Kill):
-            run(cfg, seed=1)
-    summary = run(cfg, seed=2)  # other node ids: a new process
+    summary = kill_then_rerun(monkeypatch, cfg, cls, where, call)
     assert summary["status"] == "completed" and summary["rounds"] == 3
     assert_same(cfg, reference)
 
