@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
@@ -205,7 +206,11 @@ def _summary(
 ) -> dict[str, Any]:
     extra.setdefault("sim_time_s", strategy.clients.clock.now)
     if strategy.privacy is not None:
-        extra |= privacy_summary(run_dir.read_privacy())
+        try:
+            extra |= privacy_summary(run_dir.read_privacy())
+        except (ValueError, KeyError, OSError) as exc:  # a damaged file: say so, keep the rest
+            extra |= privacy_summary(pd.DataFrame(columns=["round", "reference"]))
+            extra["privacy_error"] = f"{run_dir.privacy.path} cannot be read: {exc}"
     extra.setdefault("clients_missed", list(strategy.recorder.missed.values()))
     extra.setdefault("batch_clamped", strategy.clients.batch_clamped)
     return run_summary(

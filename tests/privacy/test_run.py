@@ -131,3 +131,19 @@ def test_planted_pickle_in_the_images_file_is_refused(tmp_path: Path) -> None:
     (run_dir.path / "privacy_images.npz").write_bytes(b"not a zip")
     with pytest.raises(RunDirError, match=r"privacy_images\.npz"):
         run_dir.read_privacy_images()
+
+
+def test_a_damaged_privacy_file_at_the_end_is_named_not_fatal(tmp_path: Path, monkeypatch) -> None:
+    """The training finished; an unreadable privacy.csv (damaged after the audit wrote it)
+    leaves the scores null and says why, instead of losing the summary."""
+    cfg = config(tmp_path, privacy_eval="final", num_server_rounds=1)
+    real = RunDir.append_privacy
+
+    def append_then_damage(self, server_round, rows):
+        real(self, server_round, rows)
+        self.privacy.path.write_bytes(b"\xff\xfe not csv")
+
+    monkeypatch.setattr(RunDir, "append_privacy", append_then_damage)
+    summary, _ = run_server_app(cfg, 2)
+    assert summary["status"] == "completed" and summary["privacy_ssim"] is None
+    assert "privacy.csv cannot be read" in summary["privacy_error"]
