@@ -84,7 +84,6 @@ class SplitLearningStrategy(Strategy):
         self.progress = progress
         self.checkpoint = checkpoint
         self.privacy = privacy
-        self.audited_round = 0  # the last round whose privacy audit is written
         front = client_modules["front"]
         front_shape = (front.num_tokens, front.hidden_size)  # (n, d) of the front output
         self.ledger = TrafficLedger()
@@ -256,13 +255,14 @@ class SplitLearningStrategy(Strategy):
             if outcome.budget_hit:
                 self.stop_reason = "budget-mb"
             self.last_round = server_round
-            self.audit(server_round, final=server_round == num_rounds or outcome.budget_hit)
+            # the last round: the rounds are done, or the budget is (in a step, or by the
+            # fronts this round's clients returned): audited before its checkpoint
+            last = server_round == num_rounds or outcome.budget_hit or self.engine.budget_spent()
+            self.audit(server_round, final=last)
             if self.checkpoint is not None:
                 self.checkpoint(self.state_dict())
             if outcome.budget_hit:
                 break
-        # the budget ran out between rounds: the round before is the last one
-        self.audit(self.last_round, final=True)
         return result
 
     def run_round(
@@ -367,16 +367,14 @@ class SplitLearningStrategy(Strategy):
         return self.recorder.round(server_round, step, outcome, accuracy, loss)
 
     def audit(self, server_round: int, *, final: bool) -> None:
-        """The privacy audit after ``server_round`` when ``privacy-eval`` asks for one and it
-        is not written yet; its rows go to ``privacy.csv``."""
-        if self.privacy is None or server_round < 1 or server_round == self.audited_round:
-            return
-        if not self.privacy.due(server_round, final=final):
+        """The privacy audit after ``server_round`` when ``privacy-eval`` asks for one; its
+        rows go to ``privacy.csv``. Called before the round's checkpoint, so a resumed run
+        redoes it with its round or not at all."""
+        if self.privacy is None or not self.privacy.due(server_round, final=final):
             return
         assert self.clients.population is not None  # set by the round's draw
         result = self.privacy.run(self.client_modules, server_round, len(self.clients.population))
         self.recorder.privacy(server_round, result.rows, result.images)
-        self.audited_round = server_round
 
     def _record_evaluate_fn(
         self,
@@ -420,7 +418,6 @@ class SplitLearningStrategy(Strategy):
             "wall_time_s": self.elapsed(),
             "sim_time_s": self.clients.clock.now,
             "stop_reason": self.stop_reason,
-            "audited_round": self.audited_round,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -445,4 +442,3 @@ class SplitLearningStrategy(Strategy):
         self.recorder.wall_offset = float(state["wall_time_s"])
         self.clients.clock.now = float(state["sim_time_s"])
         self.stop_reason = str(state["stop_reason"])
-        self.audited_round = int(state.get("audited_round", 0))

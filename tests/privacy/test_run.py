@@ -106,6 +106,27 @@ def test_killed_audit_resumes_to_the_same_rows(
     pd.testing.assert_frame_equal(metrics, reference[1])
 
 
+def test_budget_spent_between_rounds_audits_before_the_checkpoint(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A budget that round 1's returned fronts cross (not any step): round 1 is the last one,
+    audited before its checkpoint; killed after it, the rerun completes with the same rows."""
+    reference = config(tmp_path / "reference", privacy_eval="off", num_server_rounds=2)
+    run(reference)
+    metrics = RunDir(reference.run_dir).read_metrics()
+    mb = metrics[["bytes_up_act", "bytes_up_targets", "bytes_down_grad", "bytes_model_sync"]]
+    mb = mb.sum(axis=1) / 1e6
+    steps, evals = mb[metrics["kind"] == "step"], mb[metrics["kind"] == "eval"]
+    round_1 = metrics["round"] == 1
+    before, after = steps[round_1].max(), evals[round_1].max()
+    assert before < after  # the returned fronts are counted at the round's end
+    cfg = config(tmp_path / "run", privacy_eval="final", budget_mb=(before + after) / 2)
+    summary = kill_then_rerun(monkeypatch, cfg, RunDir, "write_summary", 1)
+    assert summary["status"] == "completed" and summary["stop_reason"] == "budget-mb"
+    assert summary["rounds"] == 1 and summary["privacy_round"] == 1
+    assert privacy(cfg)["round"].tolist() == [1, 1]
+
+
 def test_privacy_keys_are_checked_before_anything_runs(tmp_path: Path) -> None:
     base = config(tmp_path).to_run_config()
     with pytest.raises(ConfigError, match="privacy-eval"):
