@@ -17,6 +17,7 @@ set's mean image. Distance correlation pairs each decoded row with its merged ta
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -135,7 +136,8 @@ class PrivacyAudit:
         was_training = front.training
         front.eval()
         try:
-            with torch.random.fork_rng(devices=[]):
+            # the run's generators, CUDA's included, are as they were after the audit
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
                 aux = self._observe_aux(front, server_round)
                 victims = self._observe(
@@ -145,6 +147,7 @@ class PrivacyAudit:
                         (idx, step_seed(self.cfg.seed, server_round, p, 0))
                         for p, idx in victim_batches(self.cfg, num_partitions)
                     ],
+                    noise_seed=step_seed(self.cfg.seed, server_round, _TAG, MAX_VIEWS),
                 )
                 c, s = self.spec.num_channels, self.spec.image_size
                 net = InversionNet(
@@ -164,10 +167,15 @@ class PrivacyAudit:
             front.train(was_training)
         mean_image = aux.targets.mean(dim=0, keepdim=True).expand_as(pred)
         (attack, best), (baseline, _) = _score(pred, victims), _score(mean_image, victims)
+        n = len(victims.tokens)  # too few rows for an estimator: a blank cell, not a failed run
         common = {
             "round": server_round,
-            "dcor": distance_correlation(victims.tokens, victims.targets),
-            "dcor_unbiased": distance_correlation_unbiased(victims.tokens, victims.targets),
+            "dcor": distance_correlation(victims.tokens, victims.targets) if n >= 2 else math.nan,
+            "dcor_unbiased": (
+                distance_correlation_unbiased(victims.tokens, victims.targets)
+                if n >= 4
+                else math.nan
+            ),
             "rows": len(victims.tokens),
             "samples": len(victims.images),
             "aux_rows": len(aux.tokens),
@@ -212,18 +220,26 @@ class PrivacyAudit:
                         (idx, step_seed(self.cfg.seed, server_round, _TAG, view, i))
                         for i, idx in enumerate(batches)
                     ],
+                    noise_seed=step_seed(self.cfg.seed, server_round, _TAG, view),
                 )
             )
         return _concat(views)
 
     @torch.no_grad()
     def _observe(
-        self, front: nn.Module, split: ImageSplit, batches: list[tuple[np.ndarray, int]]
+        self,
+        front: nn.Module,
+        split: ImageSplit,
+        batches: list[tuple[np.ndarray, int]],
+        *,
+        noise_seed: int,
     ) -> Observation:
         """Each batch as a client encodes it (with that seed), through the codec and the
-        channel, decoded as the server decodes it; with the images each row stands for."""
+        channel, decoded as the server decodes it; with the images each row stands for.
+        The channel is a copy with a noise stream of its own (``noise_seed``): the run's
+        keeps its position, and no two observations share noise draws."""
         device = module_device(front)
-        channel = build_channel(self.cfg)  # a copy: the run's channel keeps its position
+        channel = build_channel(self.cfg, noise_seed)
         parts = []
         for idx, seed in batches:
             pixels, labels = self.spec.batch(split, idx, device)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+MAX_LINEAR_WEIGHTS = 2**24  # 64 MB of float32 (vit-cpu on 28 px: 0.85 M)
+
 
 class InversionNet(nn.Module):
     """Tokens ``(B, k, d)``, ``k <= max_tokens`` -> images ``(B, C, S, S)`` in [0, 1]."""
@@ -42,8 +44,14 @@ class InversionNet(nn.Module):
         )
         self.decoder = nn.TransformerDecoder(layer, layers)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, channels * patch_size**2))
-        # and a linear map from the whole packet: what a fixed layout needs, learned fast
-        self.linear = nn.Linear(max_tokens * hidden_size, channels * image_size**2)
+        # and a linear map from the whole packet: what a fixed layout needs, learned fast;
+        # left out where it would be huge (224 px DeiT: n·d x C·S² is billions of weights)
+        size = max_tokens * hidden_size * channels * image_size**2
+        self.linear = (
+            nn.Linear(max_tokens * hidden_size, channels * image_size**2)
+            if size <= MAX_LINEAR_WEIGHTS
+            else None
+        )
         self.max_tokens = max_tokens
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -53,8 +61,10 @@ class InversionNet(nn.Module):
         patches = self.head(self.decoder(queries, memory))  # (B, P, C·p·p)
         g, p, c = self.grid, self.patch, self.channels
         image = patches.view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, g, p, g, p)
-        flat = nn.functional.pad(tokens, (0, 0, 0, self.max_tokens - k)).flatten(1)  # (B, n·d)
-        image = image.reshape(b, c, g * p, g * p) + self.linear(flat).view(b, c, g * p, g * p)
+        image = image.reshape(b, c, g * p, g * p)
+        if self.linear is not None:
+            flat = nn.functional.pad(tokens, (0, 0, 0, self.max_tokens - k)).flatten(1)  # (B, n·d)
+            image = image + self.linear(flat).view(b, c, g * p, g * p)
         return torch.sigmoid(image)
 
 

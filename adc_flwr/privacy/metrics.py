@@ -7,7 +7,7 @@ torch so they run where the tensors are (tested against the ``dcor`` package):
 - :func:`distance_correlation`, the sample statistic NoPeek reports
   (``dcor.distance_correlation``). It is biased upward when the dimension is large against
   the number of rows: a few hundred rows of independent 1000-dimensional vectors score
-  about 0.8, so it alone cannot tell leakage from dimension.
+  above 0.9, so it alone cannot tell leakage from dimension.
 - :func:`distance_correlation_unbiased`, the bias-corrected squared distance correlation of
   Székely and Rizzo (2014) (``dcor.u_distance_correlation_sqr``): about 0 for independent
   rows whatever the dimension, 1 for a similarity transform.

@@ -119,8 +119,9 @@ class Channel:
         self.generator.set_state(state)
 
 
-def build_channel(cfg: RunConfig) -> Channel | None:
-    """The run's channel, or None for ``channel = "clean"`` (nothing to do on the wire)."""
+def build_channel(cfg: RunConfig, seed: int | None = None) -> Channel | None:
+    """The run's channel, or None for ``channel = "clean"`` (nothing to do on the wire).
+    ``seed``: another noise stream than the run's (None: the run seed's)."""
     if cfg.channel == "clean":
         return None
-    return Channel(cfg.channel, cfg.snr_range_db, cfg.seed)
+    return Channel(cfg.channel, cfg.snr_range_db, cfg.seed if seed is None else seed)

@@ -108,6 +108,58 @@ def test_a_trained_front_split_after_block_1_leaks(tmp_path: Path) -> None:
     }
 
 
+def test_too_few_rows_for_a_dcor_estimator_leave_it_blank(tmp_path: Path) -> None:
+    """One victim with a batch of 3: the bias-corrected dCor needs 4 rows, so its cell is
+    blank (NaN) and the audit still scores the reconstruction."""
+    cfg = tiny_config(
+        tmp_path,
+        privacy_eval="final",
+        privacy_aux_samples=30,
+        privacy_epochs=1,
+        privacy_clients=1,
+        batch_size=3,
+    )
+    data = load_data(cfg.dataset, cfg.data_dir)
+    front = PixelFront(data.image_size, data.num_channels)
+    merged, _ = audit_for(cfg, front.hidden_size).run({"front": front}, 1, 2).rows
+    assert merged["rows"] == 3 and np.isnan(merged["dcor_unbiased"])
+    assert 0 <= merged["dcor"] <= 1 and merged["mse"] > 0
+
+
+def test_each_observation_draws_its_own_channel_noise(tmp_path: Path) -> None:
+    """Under AWGN the auxiliary views and the victims are observed through different noise
+    draws: the attacker is not tested on the noise it trained on."""
+    cfg = tiny_config(
+        tmp_path,
+        privacy_eval="final",
+        privacy_aux_samples=64,
+        channel="awgn",
+        snr_db="0",
+        batch_size=16,
+    )
+    data = load_data(cfg.dataset, cfg.data_dir)
+    front = PixelFront(data.image_size, data.num_channels)
+    audit = audit_for(cfg, front.hidden_size)
+    batches = [(np.arange(16), 1)]
+    first = audit._observe(front, audit.aux, batches, noise_seed=1).tokens
+    again = audit._observe(front, audit.aux, batches, noise_seed=1).tokens
+    other = audit._observe(front, audit.aux, batches, noise_seed=2).tokens
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+
+
+def test_inversion_net_leaves_out_a_huge_linear_map() -> None:
+    """224 px DeiT-Tiny tokens: the packet-wide linear map would hold billions of weights;
+    the network keeps its attention path only, and still maps tokens to images."""
+    from adc_flwr.privacy.inversion import InversionNet
+
+    small = InversionNet(64, 17, image_size=28, patch_size=7, channels=1)
+    large = InversionNet(192, 197, image_size=224, patch_size=16, channels=3)
+    assert small.linear is not None and large.linear is None
+    assert sum(p.numel() for p in large.parameters()) < 5_000_000
+    out = large(torch.randn(2, 50, 192))  # 50 of 197 tokens, as ADC keeps some
+    assert out.shape == (2, 3, 224, 224) and out.min() >= 0 and out.max() <= 1
+
+
 def test_adc_rows_stand_for_their_cluster_mean() -> None:
     cfg = tiny_config(Path("unused"), method="adc", compression=0.25)
     compressor = build_compressor(cfg, 10)

@@ -152,6 +152,10 @@ def test_planted_pickle_in_the_images_file_is_refused(tmp_path: Path) -> None:
     (run_dir.path / "privacy_images.npz").write_bytes(b"not a zip")
     with pytest.raises(RunDirError, match=r"privacy_images\.npz"):
         run_dir.read_privacy_images()
+    with (run_dir.path / "privacy_images.npz").open("wb") as f:
+        np.save(f, np.zeros(3))  # a bare .npy under the name
+    with pytest.raises(RunDirError, match=r"privacy_images\.npz"):
+        run_dir.read_privacy_images()
 
 
 def test_a_damaged_privacy_file_at_the_end_is_named_not_fatal(tmp_path: Path, monkeypatch) -> None:
