@@ -87,6 +87,15 @@ PRIVACY_RESULT_COLUMNS = (
 )
 
 
+# the clients' joules (summary.json), added to table.csv when a run has them
+ENERGY_RESULT_COLUMNS = (
+    "energy_j",
+    "energy_compute_j",
+    "energy_radio_j",
+    "energy_max_client_j",
+)
+
+
 def _method_rank(method: str) -> tuple[int, str]:
     """Methods in DESIGN order, unknown ones after them alphabetically."""
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
@@ -129,6 +138,7 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
                 "sim_time_s": summary.get("sim_time_s"),
                 "error": summary.get("error"),
                 **{k: summary[k] for k in PRIVACY_RESULT_COLUMNS if k in summary},
+                **{k: summary[k] for k in ENERGY_RESULT_COLUMNS if k in summary},
             }
         )
     # points the sweep tried that left no run directory (refused before they started)
@@ -139,6 +149,8 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     columns = ["run", "method", "compression", "level", *swept, *RESULT_COLUMNS]
     if any("privacy_ssim" in row for row in rows):
         columns += PRIVACY_RESULT_COLUMNS
+    if any("energy_j" in row for row in rows):
+        columns += ENERGY_RESULT_COLUMNS
     table = pd.DataFrame(rows, columns=columns)
     if len(table):
         rank = table["method"].map(_method_rank)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from adc_flwr.run.files import read_arrays
 from adc_flwr.run.run_dir import PRIVACY_IMAGES_FILE
+from adc_flwr.run.summary import STRAGGLER
 from simulations.collect import CLIENTS, EVALS, PARTITIONS, PRIVACY, TABLE_FILE, over_seeds
 
 SHIPPED = Path(__file__).resolve().parent / "results"
@@ -194,6 +195,40 @@ def client_time(clients: pd.DataFrame, by: Sequence[str] = ("point", "profile"))
 def outcome_counts(clients: pd.DataFrame, by: Sequence[str] = ("point",)) -> pd.DataFrame:
     """Client-rounds per outcome (finished, dropped-out, straggler, ...) per group."""
     return clients.groupby([*by, "outcome"], sort=False).size().unstack("outcome", fill_value=0)
+
+
+def links_of(trace: object) -> str:
+    """A run's links as the ``edge_traces`` study names them: ``static`` or ``traced`` (from
+    its ``profile-trace`` file's name), the file's stem for another trace, ``mix`` for none."""
+    if _missing(trace) or not str(trace):
+        return "mix"
+    stem = Path(str(trace)).stem
+    return next((kind for kind in ("traced", "static") if kind in stem), stem)
+
+
+def links_runs(study: Study) -> pd.DataFrame:
+    """One row per completed run: point, links, seed, accuracy, simulated time, straggler
+    client-rounds, the clients' joules and the most-loaded client's (run-level figures)."""
+    keys = [k for k in ("profile-trace", "seed") if k not in study.completed.columns]
+    runs = with_points(study.attach(study.completed, keys) if keys else study.completed)
+    trace = runs["profile-trace"] if "profile-trace" in runs else pd.Series("", index=runs.index)
+    clients = study.clients
+    cut = clients[clients["outcome"] == STRAGGLER].groupby("run").size()
+    return runs.assign(
+        links=trace.map(links_of), stragglers=runs["run"].map(cut).fillna(0).astype(int)
+    )[
+        [
+            "run",
+            "point",
+            "links",
+            "seed",
+            "test_accuracy",
+            "sim_time_s",
+            "stragglers",
+            "energy_j",
+            "energy_max_client_j",
+        ]
+    ]
 
 
 def federated_spread(clients: pd.DataFrame, by: Sequence[str] = ("point",)) -> pd.DataFrame:

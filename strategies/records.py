@@ -86,11 +86,13 @@ class RunRecorder:
                 entry["rounds"].append(server_round)
                 first_line = (failure.detail.strip().splitlines() or [""])[0]
                 entry["reason"] = f"{failure.reason}: {first_line}"
+        clients = self.client_rows(server_round, outcome)
         row = outcome.row(server_round, accuracy, loss, self.ledger.total())
         row |= {"steps": step, "wall_time_s": self.elapsed(), "sim_time_s": self.clients.clock.now}
+        row["energy_j"] = sum(c["energy_compute_j"] + c["energy_radio_j"] for c in clients)
         self.history.append(row)
         if self.run_dir is not None:
-            self.run_dir.append_clients(self.client_rows(server_round, outcome))
+            self.run_dir.append_clients(clients)
             self.run_dir.flush()
         rounds_here = server_round - self.first_round + 1  # rounds run by this process
         per_round = (self.elapsed() - self.wall_offset) / rounds_here

@@ -26,7 +26,8 @@ from adc_flwr.config import RunConfig, nominal_level
 from adc_flwr.data import run_partitions, write_partition_counts
 from adc_flwr.model.flops import StepFlops
 from adc_flwr.population.clock import SimClock, Turn
-from adc_flwr.population.profiles import Population, assign_profiles, write_profiles
+from adc_flwr.population.profile_csv import run_profiles, write_profiles
+from adc_flwr.population.profiles import Population
 from adc_flwr.run.run_dir import PARTITIONS_FILE, PROFILES_FILE, RunDir
 from adc_flwr.run.summary import DROPPED_OUT, STRAGGLER
 from adc_flwr.run.validation import partitions_below_batch
@@ -89,8 +90,8 @@ class SimulatedClients:
         ``partitions.csv`` (samples per class per partition)."""
         if self.population is not None and len(self.population) == num_partitions:
             return
-        profiles = assign_profiles(
-            self.cfg.profile_mix, num_partitions, self.cfg.seed, self.cfg.profile_trace or None
+        profiles = run_profiles(
+            self.cfg.profile_mix, num_partitions, self.cfg.seed, self.cfg.profile_trace
         )
         self.population = Population(profiles, self.cfg.seed)
         self.clock.population = self.population
@@ -220,6 +221,7 @@ class SimulatedClients:
         for p in sampled:
             up, down, sync = traffic(p)
             spent = self.clock.clients.get(p)
+            compute_j, radio_j = self.clock.energy_j(p)
             accuracy, examples = (fed_eval or {}).get(p, (math.nan, None))
             rows.append(
                 {
@@ -234,6 +236,8 @@ class SimulatedClients:
                     "transfer_s": spent.transfer_s if spent else 0.0,
                     "steps": self.steps.get(p, 0),
                     "late_exchanges": spent.late if spent else 0,
+                    "energy_compute_j": compute_j,
+                    "energy_radio_j": radio_j,
                     "outcome": outcomes.get(p, FINISHED),
                     "fed_accuracy": accuracy,
                     "fed_examples": examples,

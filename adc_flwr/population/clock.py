@@ -2,7 +2,9 @@
 
 One exchange is the server's message to each client and the client's reply. A client's time
 in it is its download (latency + bytes at its downlink), its compute (FLOPs at its device
-speed) and its upload (latency + bytes at its uplink). SplitFed clients exchange in parallel,
+speed) and its upload (latency + bytes at its uplink); a recorded link (links.py) delivers
+the bytes as its trace does from the moment they are sent, and energy.py prices each
+transfer and FLOP in joules. SplitFed clients exchange in parallel,
 so an exchange lasts as long as its slowest kept client; vanilla SL has one client per
 exchange, so turns add up. Each server step adds its FLOPs at ``server-gflops``.
 
@@ -16,8 +18,9 @@ the connection close).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from adc_flwr.population.energy import ClientEnergy
 from adc_flwr.population.profiles import ClientProfile, Population
 
 STRAGGLER_POLICIES = ("drop", "wait")
@@ -30,6 +33,7 @@ class ClientTime:
     compute_s: float = 0.0
     transfer_s: float = 0.0  # both directions, latency included
     late: int = 0  # exchanges past the deadline the server waited for (policy wait)
+    energy: ClientEnergy = field(default_factory=ClientEnergy)
 
 
 @dataclass(frozen=True)
@@ -74,21 +78,45 @@ class SimClock:
         return self.population[partition]
 
     def turn_s(self, turn: Turn) -> float:
-        """Seconds ``turn`` takes its client (download, compute, upload), and book them."""
+        """Seconds ``turn`` takes its client (download, compute, upload) from now, and book
+        them with their energy. A recorded link's rate is the trace's at each transfer's
+        start; a constant link gives the same seconds at any start."""
         profile = self._profile(turn.partition)
-        transfer = profile.download_s(turn.down_bytes) + profile.upload_s(turn.up_bytes)
+        start = self.now
+        download = profile.download_s(turn.down_bytes, start)
         compute = profile.compute_s(turn.flops)
+        sent = start + download + compute  # the client starts its upload
+        upload = profile.upload_s(turn.up_bytes, sent)
+        transfer = download + upload
         booked = self._client(turn.partition)
         booked.transfer_s += transfer
         booked.compute_s += compute
+        radio, latency = profile.radio_power, profile.latency_s
+        # the radio is busy while bytes move: after the latency down, before it up
+        booked.energy.transfer(radio, start + latency, start + download, turn.down_bytes, False)
+        booked.energy.compute(turn.flops / 1e9, profile.j_per_gflop)
+        booked.energy.transfer(radio, sent, sent + upload - latency, turn.up_bytes, True)
         return transfer + compute
 
     def vanished(self, partition: int, down_bytes: int) -> float:
         """A client that dropped out during an exchange: it received, then never answered.
         Returns the seconds of that download."""
-        seconds = self._profile(partition).download_s(down_bytes)
-        self._client(partition).transfer_s += seconds
+        profile = self._profile(partition)
+        seconds = profile.download_s(down_bytes, self.now)
+        booked = self._client(partition)
+        booked.transfer_s += seconds
+        booked.energy.transfer(
+            profile.radio_power, self.now + profile.latency_s, self.now + seconds, down_bytes, False
+        )
         return seconds
+
+    def energy_j(self, partition: int) -> tuple[float, float]:
+        """(compute, radio) joules of ``partition`` this round, its last radio tail included."""
+        booked = self.clients.get(partition)
+        if booked is None:
+            return 0.0, 0.0
+        radio = self._profile(partition).radio_power
+        return booked.energy.compute_j, booked.energy.radio_total_j(radio)
 
     def exchange(
         self, turns: list[Turn], keep: int | None = None, at_least: float = 0.0

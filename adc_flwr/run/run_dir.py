@@ -103,6 +103,8 @@ CLIENT_COLUMNS: tuple[str, ...] = (
     "transfer_s",
     "steps",
     "late_exchanges",
+    "energy_compute_j",
+    "energy_radio_j",
     "outcome",
     "fed_accuracy",
     "fed_examples",

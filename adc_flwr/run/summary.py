@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+
 from adc_flwr.run.run_dir import TRAFFIC_COLUMNS
 
 if TYPE_CHECKING:
@@ -98,6 +100,24 @@ def run_summary(
         **total.as_dict(),
         **extra,
     )
+
+
+def energy_summary(clients: pd.DataFrame) -> dict[str, Any]:
+    """Energy keys from ``clients.csv``: joules of all clients (compute, radio) and the
+    most-loaded client (the partition with the most joules over the run, and its joules)."""
+    if clients.empty:
+        per_client = pd.Series(dtype=float)
+    else:
+        joules = clients["energy_compute_j"] + clients["energy_radio_j"]
+        per_client = joules.groupby(clients["partition"]).sum()
+    worst = None if per_client.empty else int(per_client.idxmax())
+    return {
+        "energy_j": float(per_client.sum()),
+        "energy_compute_j": float(clients["energy_compute_j"].sum()) if len(clients) else 0.0,
+        "energy_radio_j": float(clients["energy_radio_j"].sum()) if len(clients) else 0.0,
+        "energy_max_client": worst,
+        "energy_max_client_j": None if worst is None else float(per_client[worst]),
+    }
 
 
 def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[str, Any]:

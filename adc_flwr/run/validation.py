@@ -34,7 +34,8 @@ def validate_run(run_config: Mapping[str, Any], num_supernodes: int | None = Non
     from adc_flwr.data import DataError, load_data, run_partitions
     from adc_flwr.model.inputs import InputSpec
     from adc_flwr.model.vit import ModelError, build_model, split_vit
-    from adc_flwr.population.profiles import ProfileError, assign_profiles
+    from adc_flwr.population.profile_csv import run_profiles
+    from adc_flwr.population.profiles import ProfileError
     from adc_flwr.training.device import check_precision, resolve_device
 
     cfg = RunConfig.from_run_config(run_config)
@@ -73,7 +74,7 @@ def validate_run(run_config: Mapping[str, Any], num_supernodes: int | None = Non
     if cfg.adaptive_compression:
         _check_adaptive(cfg, get_compressor_class(cfg.method))
     try:
-        assign_profiles(cfg.profile_mix, 1, cfg.seed, cfg.profile_trace or None)
+        run_profiles(cfg.profile_mix, 1, cfg.seed, cfg.profile_trace)
     except ProfileError as exc:
         raise ConfigError(str(exc)) from exc
     try:

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 
 from adc_flwr.population import profiles as prof
+from adc_flwr.population.profile_csv import TRACE_COLUMNS, read_trace, run_profiles, write_profiles
 from adc_flwr.population.profiles import (
     MIXES,
-    TRACE_COLUMNS,
     ClientProfile,
     Population,
     ProfileError,
     assign_profiles,
-    read_trace,
-    write_profiles,
 )
 
 HEADER = ",".join(TRACE_COLUMNS)
@@ -152,7 +150,8 @@ def test_write_then_read_is_exact(tmp_path: Path) -> None:
     profiles = assign_profiles("lognormal", 25, seed=9) + assign_profiles("edge", 25, seed=9)
     path = tmp_path / "run" / "profiles.csv"
     write_profiles(path, profiles)
-    assert path.read_text().splitlines()[0] == "partition," + HEADER
+    extra = "radio,j_per_gflop,uplink_trace,downlink_trace,trace_offset_s"
+    assert path.read_text().splitlines()[0] == f"partition,{HEADER},{extra}"
     assert read_trace(path) == profiles  # bit-identical floats
     assert [f.name for f in path.parent.iterdir()] == ["profiles.csv"]  # no temp file left
 
@@ -169,10 +168,10 @@ def test_write_is_atomic_on_failure(tmp_path: Path) -> None:
 
 def test_trace_rows_wrap_and_mix_is_ignored(tmp_path: Path) -> None:
     path = write(tmp_path, f"{HEADER}\na,1,2,0,3,1,0\nb,4,5,0.1,6,0.5,0.5\nc,7,8,0,9,0,1\n")
-    profiles = assign_profiles("edge", 7, seed=0, trace=path)
+    profiles = run_profiles("edge", 7, 0, path)
     assert [p.name for p in profiles] == ["a", "b", "c", "a", "b", "c", "a"]
     assert profiles[1] == ClientProfile("b", 4.0, 5.0, 0.1, 6.0, 0.5, 0.5)
-    assert assign_profiles("not-a-mix", 2, seed=0, trace=str(path))[1].name == "b"
+    assert run_profiles("not-a-mix", 2, 0, str(path))[1].name == "b"
 
 
 def test_trace_columns_in_any_order(tmp_path: Path) -> None:
@@ -225,7 +224,7 @@ def test_bad_trace_names_file_line_and_column(
 def test_empty_trace_is_an_error(tmp_path: Path, text: str, line: int) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ProfileError, match=f"line {line}") as info:
-        assign_profiles("uniform", 3, seed=0, trace=path)
+        run_profiles("uniform", 3, 0, path)
     assert str(path) in str(info.value)
 
 

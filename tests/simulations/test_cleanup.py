@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from adc_flwr.run.run_dir import RunDir
 from simulations import deploy, launcher, supervise
 from simulations.local_deployment import DeploymentError
 from simulations.reaper import STOP_SIGNALS
@@ -171,6 +172,28 @@ def test_an_early_failure_of_flwr_run_keeps_the_superlink_log(
     assert kept.read_text() == "superlink log\n"
     assert faked.stopped == faked.made == 1 and not faked.left()
     assert faked.watchdogs == ["started", "dismissed"]
+
+
+def test_a_failed_run_exits_1_though_flwr_run_exits_0(
+    faked: Record, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``flwr run`` exits 0 when the ServerApp raises; the verdict is the summary's: exit
+    status 1 and one line naming the status and the error (on Ray, in the slow tier:
+    ``tests/simulations/test_flwr_run.py``)."""
+
+    class FlwrRunWhoseServerAppFails(FlwrRunFailsEarly):
+        def wait(self) -> int:
+            RunDir(tmp_path / "out" / "bad").write_summary(
+                {"status": "failed", "error": "RuntimeError: the loss diverged"}
+            )
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FlwrRunWhoseServerAppFails)
+    monkeypatch.setenv("RUN_NAME", "bad")
+    assert launcher.main([""]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "run bad did not complete (status failed): RuntimeError: the loss diverged" in err
+    assert faked.stopped == faked.made == 1 and not faked.left()
 
 
 def interrupt_at(code: CodeType, opcode: int | None) -> Callable[[], int]:

@@ -63,6 +63,7 @@ def test_flwr_run_trains_sampled_partitions_writes_summary_and_stops(tmp_path: P
     assert not flower_processes()
 
 
+@pytest.mark.slow  # a run on Ray: in .ci/run; its verdict in process: test_cleanup.py
 def test_flwr_run_failure_exits_nonzero(tmp_path: Path) -> None:
     """flwr run itself exits 0 when the ServerApp raises; our script must not."""
     done = flwr_run(tmp_path, "bad", "dataset='digits' method='none' lr=1e8 local-steps=20")

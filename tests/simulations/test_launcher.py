@@ -50,10 +50,16 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     ("run_config", "message"),
     [
         ("compresion=0.2", "unknown run-config key 'compresion' (did you mean 'compression'?)"),
-        ("split-index=9", "split-index must be in [1, 5] for a model with 6 blocks, got 9"),
-        (
+        # the same path with other refusals (validate_run's, tests/run/test_validation.py)
+        pytest.param(
+            "split-index=9",
+            "split-index must be in [1, 5] for a model with 6 blocks, got 9",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             "partitioner='dirichlet' min-partition-size=31000",
             "min-partition-size=31000 × 2 partitions exceeds the 60000 training samples",
+            marks=pytest.mark.slow,
         ),
     ],
 )
@@ -88,6 +94,7 @@ def test_verdicts_belong_to_this_invocation(tmp_path: Path) -> None:
     assert (tmp_path / "done" / "summary.json").read_bytes() == summary  # untouched
 
 
+@pytest.mark.slow  # two runs on Ray, a minute and more: in .ci/run, out of the default suite
 def test_interrupt_stops_everything_and_a_run_beside_it_completes(tmp_path: Path) -> None:
     """Two runs a second apart: each has its own SuperLink. Ctrl-C on one ends all of its
     processes within seconds and leaves an `interrupted` summary; the other completes."""

@@ -25,9 +25,13 @@ NOTEBOOKS = {
         ("| point \\ alpha |", "| count | min | 10% |"),
     ),
     "heterogeneity": (
-        ("ADC_RESULTS", "ADC_DEADLINES"),
-        ("accuracy_vs_sim_time", "client_time", "deadlines"),
-        ("| point | profile | client_rounds |", "| setting | seeds | final accuracy |"),
+        ("ADC_RESULTS", "ADC_DEADLINES", "ADC_TRACES"),
+        ("accuracy_vs_sim_time", "client_time", "deadlines", "energy"),
+        (
+            "| point | profile | client_rounds |",
+            "| setting | seeds | final accuracy |",
+            "| point, links | seeds | final accuracy |",
+        ),
     ),
     "privacy": (
         ("ADC_PRIVACY",),
@@ -38,7 +42,7 @@ NOTEBOOKS = {
 SHIPPED_TABLES = {
     "accuracy_vs_bandwidth": ("paper_comparison",),
     "non_iid": ("non_iid",),
-    "heterogeneity": ("edge_mix", "edge_deadlines"),
+    "heterogeneity": ("edge_mix", "edge_deadlines", "edge_traces"),
     "privacy": ("privacy",),
 }
 

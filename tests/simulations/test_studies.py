@@ -21,6 +21,8 @@ from simulations.studies import (
     client_time,
     federated_spread,
     label_partitioner,
+    links_of,
+    links_runs,
     load_study,
     not_stopped_by,
     outcome_counts,
@@ -228,10 +230,21 @@ def test_shipped_paper_comparison_is_budget_matched() -> None:
     assert (table["mb_total"] >= 60).all() and (table["mb_total"] < 62).all()
 
 
-@pytest.mark.parametrize("folder", ["paper_comparison", "non_iid", "edge_mix", "edge_deadlines"])
+@pytest.mark.parametrize(
+    "folder", ["paper_comparison", "non_iid", "edge_mix", "edge_deadlines", "edge_traces"]
+)
 def test_shipped_tables_are_complete(folder: str) -> None:
     study = load_study(SHIPPED / folder)
     assert set(study.table["status"]) == {"completed"}
     assert set(study.evals["run"]) == set(study.table["run"])
     if folder != "paper_comparison":
         assert set(study.clients["run"]) == set(study.table["run"])
+
+
+def test_edge_traces_compares_each_point_on_both_links() -> None:
+    runs = links_runs(load_study(SHIPPED / "edge_traces"))
+    assert links_of("simulations/experiments/traces/edge_traced.csv") == "traced"
+    assert links_of(float("nan")) == "mix" and links_of("my/devices.csv") == "devices"
+    per_point = runs.groupby(["point", "links"])["seed"].nunique()
+    assert set(per_point) == {3} and set(runs["links"]) == {"static", "traced"}
+    assert (runs["energy_j"] > 0).all() and (runs["energy_max_client_j"] > 0).all()

@@ -22,7 +22,8 @@ from adc_flwr.model.flops import step_flops
 from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import build_model, split_vit
 from adc_flwr.population.clock import SimClock, Turn
-from adc_flwr.population.profiles import ClientProfile, Population, read_trace, write_profiles
+from adc_flwr.population.profile_csv import read_trace, write_profiles
+from adc_flwr.population.profiles import ClientProfile, Population
 from adc_flwr.run.run_dir import RunDir
 from adc_flwr.run.validation import validate_run
 from adc_flwr.wire.accounting import Traffic, TrafficLedger

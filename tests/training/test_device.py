@@ -4,7 +4,7 @@
   a Ray worker is simulated by a stand-in ``ray`` module.
 - A GPU asked for where there is none, or bf16 on a GPU without bfloat16: one error naming
   the key, from ``validate_run`` (before the data is loaded) and from
-  ``scripts/flwr_run.sh`` (exit 2, before Flower starts).
+  ``scripts/flwr_run.sh`` (exit 2, before Flower starts; slow tier).
 - ``benchmarks/bench_gpu.py``: its answer without CUDA, its refusals, and its code path at
   tiny shapes on the CPU with Flower hidden.
 
@@ -101,6 +101,7 @@ def test_bf16_on_a_gpu_without_bfloat16_is_refused_first(monkeypatch: pytest.Mon
 
 
 @NO_CUDA
+@pytest.mark.slow  # the script's refusal path, as in test_launcher's default-suite case
 def test_flwr_run_refuses_cuda_before_flower_starts(tmp_path: Path) -> None:
     started = time.monotonic()
     proc = subprocess.run(
