@@ -6,9 +6,10 @@ t_u, t_d (Mbit/s) the radio draws P = α_u·t_u + α_d·t_d + β, so a transfer 
 takes s seconds costs α·b + β·s joules; after a transfer the radio stays in its high-power
 tail for up to T_tail (power P_tail) before it goes idle, and waking it again costs a
 promotion (P_pro for T_pro). Between two transfers of one client the tail costs
-P_tail·min(gap, T_tail), and a gap past T_tail costs a promotion; the first transfer of a
-round pays a promotion and the last one a whole tail (the round's end is taken as the
-radio's idle point). The promotion's delay is not put on the clock (the latency figures
+P_tail·min(gap, T_tail), and a gap past T_tail costs a promotion; each round is booked on its
+own: its first transfer pays a promotion and its last a whole tail, even where the client's
+next round starts within T_tail (an upper bound of about one tail and one promotion per
+round boundary). The promotion's delay is not put on the clock (the latency figures
 cover it). Compute is joules per GFLOP of the device class (profiles.py cites each).
 """
 
@@ -48,7 +49,8 @@ class RadioPower:
 #           error, abstract); its parameter tables could not be opened here.
 # [ARO] AT&T's Video Optimizer (ARO; AT&T co-authored HUANG12), the LTE defaults in
 #       ARO.Core .../configuration/impl/ProfileFactoryImpl.java: α_u 438.39 and α_d 51.97 mW per
-#       Mbit/s, β 1.2 W, promotion 1.21 W for 0.26 s, tail 1.06 W. Checked there.
+#       Mbit/s, β 1.2 W, promotion 1.21 W for 0.26 s, tail 1.06 W (its fallback defaults, beside
+#       an lte.conf that was not read). Checked there; the paper's β is recalled as 1.288 W.
 # The LTE tail time (11.576 s) and every WiFi and 3G figure are HUANG12's Tables 3-4 as
 # recalled, NOT checked against the paper here: treat them as assumptions until checked.
 LTE_RADIO = RadioPower("lte", 0.43839, 0.05197, 1.2, 1.06, 11.576, 1.21, 0.26)

@@ -104,11 +104,19 @@ def read_series(path: str | Path) -> tuple[list[float], int]:
         rates.append(rate)
     if len(times) < 2:
         raise TraceError(f"series {path}: needs at least two lines")
+    if not np.all(np.isfinite(times)):
+        raise TraceError(f"series {path}: every time must be finite")
     steps = np.diff(times)
     interval = float(np.median(steps))
     if interval <= 0 or np.any(np.abs(steps - interval) > 0.01 * interval):
         raise TraceError(f"series {path}: times must be evenly spaced (median step {interval} s)")
-    return rates, max(1, round(interval * 1000))
+    interval_ms = round(interval * 1000)
+    if interval_ms < 1 or abs(interval * 1000 - interval_ms) > 1e-6 * interval * 1000:
+        raise TraceError(
+            f"series {path}: the step ({interval * 1000:g} ms) must be a whole number of "
+            "milliseconds, at least 1 (a trace's resolution)"
+        )
+    return rates, interval_ms
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,7 +37,7 @@ class LinkTrace:
     """One recorded link: the millisecond of each delivery opportunity, repeating."""
 
     path: str
-    times_ms: tuple[int, ...]  # nondecreasing, the last one > 0: the period
+    times_ms: tuple[int, ...] = field(repr=False)  # nondecreasing, the last > 0: the period
     mean_mbps: float = field(init=False)  # bits the trace delivers per period, per second
 
     def __post_init__(self) -> None:
@@ -80,42 +80,44 @@ class LinkTrace:
 def read_link_trace(path: str | Path) -> LinkTrace:
     """A mahimahi trace file, gzipped when its name ends in ``.gz`` (cached per file and
     modification time: rows share traces)."""
-    resolved = Path(path).resolve()
     try:
+        resolved = Path(path).resolve()
         stat = resolved.stat()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise TraceError(f"link trace {path}: cannot be read ({exc})") from exc
+    if not resolved.is_file():
+        raise TraceError(f"link trace {path}: is not a regular file")
     return _read(str(resolved), stat.st_mtime_ns, stat.st_size)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def _read(path: str, _mtime_ns: int, _size: int) -> LinkTrace:
-    try:
-        raw = Path(path).read_bytes()
-        text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("ascii")
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-        raise TraceError(f"link trace {path}: cannot be read as text ({exc})") from exc
+    opener = gzip.open if path.endswith(".gz") else open
     times: list[int] = []
     previous = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        cell = line.strip()
-        if not cell:
-            continue
-        if not cell.isdigit():
-            raise TraceError(
-                f"link trace {path} line {number}: {cell[:40]!r} is not a whole number of "
-                "milliseconds (mahimahi's format: one delivery opportunity per line)"
-            )
-        ms = int(cell)
-        if ms < previous:
-            raise TraceError(
-                f"link trace {path} line {number}: {ms} ms comes after {previous} ms; "
-                "timestamps must not decrease"
-            )
-        times.append(ms)
-        previous = ms
-        if len(times) > MAX_OPPORTUNITIES:
-            raise TraceError(f"link trace {path}: more than {MAX_OPPORTUNITIES} lines")
+    try:
+        with opener(path, "rt", encoding="ascii") as lines:  # line by line: the cap holds
+            for number, line in enumerate(lines, start=1):
+                cell = line.strip()
+                if not cell:
+                    continue
+                if not cell.isdigit():
+                    raise TraceError(
+                        f"link trace {path} line {number}: {cell[:40]!r} is not a whole number "
+                        "of milliseconds (mahimahi's format: one delivery opportunity per line)"
+                    )
+                ms = int(cell)
+                if ms < previous:
+                    raise TraceError(
+                        f"link trace {path} line {number}: {ms} ms comes after {previous} ms; "
+                        "timestamps must not decrease"
+                    )
+                times.append(ms)
+                previous = ms
+                if len(times) > MAX_OPPORTUNITIES:
+                    raise TraceError(f"link trace {path}: more than {MAX_OPPORTUNITIES} lines")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise TraceError(f"link trace {path}: cannot be read as text ({exc})") from exc
     if not times:
         raise TraceError(f"link trace {path}: no timestamps (an empty file is no link)")
     if times[-1] == 0:

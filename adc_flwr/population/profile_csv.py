@@ -14,8 +14,9 @@ import csv
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from adc_flwr.population.energy import REFERENCE_J_PER_GFLOP, REFERENCE_RADIO
 from adc_flwr.population.links import LinkTrace, TraceError, read_link_trace
@@ -90,6 +91,18 @@ def _row(cells: dict[str, str], base: Path, where: str) -> ClientProfile:
         raise ProfileError(f"{where}: {exc}") from None
 
 
+def _rows(reader: Any, where: str) -> Iterator[list[str]]:
+    """The reader's rows; a line csv cannot parse (e.g. a field past its size limit) is a
+    ProfileError naming the line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ProfileError(f"{where} line {reader.line_num}: {exc}") from None
+
+
 def read_trace(path: str | Path) -> list[ClientProfile]:
     """Profiles from a CSV with a TRACE_COLUMNS header (see the module's docstring)."""
     where = f"profile-trace {path}"
@@ -98,7 +111,7 @@ def read_trace(path: str | Path) -> list[ClientProfile]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{where}: cannot be read ({exc})") from exc
     reader = csv.reader(io.StringIO(text))
-    header = [c.strip() for c in next(reader, [])]
+    header = [c.strip() for c in next(_rows(reader, where), [])]
     if not any(header):
         raise ProfileError(f"{where} line 1: empty; a header {','.join(TRACE_COLUMNS)} is required")
     known = (*TRACE_COLUMNS, *OPTIONAL_COLUMNS, *DERIVED_COLUMNS)
@@ -112,7 +125,7 @@ def read_trace(path: str | Path) -> list[ClientProfile]:
             raise ProfileError(f"{where} line 1, column {column!r}: missing from the header")
     base = Path(path).parent
     profiles: list[ClientProfile] = []
-    for cells in reader:
+    for cells in _rows(reader, where):
         line = reader.line_num
         if not any(c.strip() for c in cells):
             continue  # blank lines (e.g. a trailing one) carry no client

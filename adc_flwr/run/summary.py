@@ -130,6 +130,10 @@ def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[st
         return run_summary(status, [], Traffic(), None, error=error)
     ledger = TrafficLedger()
     ledger.load_state_dict(checkpoint["ledger"])
+    try:
+        energy = energy_summary(run_dir.read_clients())
+    except (ValueError, KeyError, OSError) as exc:  # a damaged file: say so, keep the rest
+        energy = {"energy_error": f"{run_dir.clients.path} cannot be read: {exc}"}
     return run_summary(
         status,
         list(checkpoint["history"]),
@@ -137,4 +141,5 @@ def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[st
         float(checkpoint["wall_time_s"]),
         error=error,
         clients_missed=list(checkpoint.get("missed", [])),
+        **energy,
     )

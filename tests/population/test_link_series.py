@@ -57,6 +57,14 @@ def test_reading_a_series(tmp_path: Path) -> None:
     path.write_text("0\t1\nnoise\n", encoding="utf-8")
     with pytest.raises(TraceError, match="line 2"):
         read_series(path)
+    for text, match in (
+        ("0 1\ninf 2\n", "finite"),
+        ("0 1\n0.0004 2\n0.0008 2\n", "whole number of"),
+        ("0 1\n0.3333333 2\n0.6666667 2\n", "whole number of"),
+    ):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(TraceError, match=match):
+            read_series(path)
 
 
 def test_the_command_line(tmp_path: Path) -> None:

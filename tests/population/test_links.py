@@ -111,3 +111,11 @@ def test_a_missing_or_binary_trace_is_refused(tmp_path: Path) -> None:
     binary.write_bytes(b"\x80\x81\x00")
     with pytest.raises(TraceError, match="cannot be read as text"):
         read_link_trace(binary)
+
+
+def test_a_path_that_is_no_regular_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="is not a regular file"):
+        read_link_trace(tmp_path)
+    with pytest.raises(TraceError, match="cannot be read"):
+        read_link_trace("a\0b")
+    assert len(repr(LinkTrace("t", tuple(range(1, 100_000))))) < 200  # no dump of every ms

@@ -122,3 +122,9 @@ def test_a_row_without_a_trace_keeps_the_clock_of_before_traces_bit_for_bit() ->
         clock.exchange([Turn(0, 123_457, 98_765, 3.3e9)])
         before = (0.0275 + 123_457 * 8 / (17.4 * 1e6)) + (0.0275 + 98_765 * 8 / (6.3 * 1e6))
         assert clock.now == start + (before + 3.3e9 / (15.0 * 1e9))
+
+
+def test_a_cell_past_csv_s_field_limit_names_its_line(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "a,1,5,0.02,10,1,0,,,,", "b" * 200_000 + ",1,5,0.02,10,1,0,,,,")
+    with pytest.raises(ProfileError, match="line 3"):
+        read_trace(path)

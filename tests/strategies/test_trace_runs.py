@@ -9,6 +9,7 @@ import pytest
 
 from adc_flwr.population.profile_csv import TRACE_COLUMNS, read_trace, write_profiles
 from adc_flwr.run.run_dir import RunDir
+from adc_flwr.run.summary import summary_from_checkpoint
 from tests.support.helpers import run_server_app, tiny_config
 
 HEADER = ",".join((*TRACE_COLUMNS, "uplink_trace", "downlink_trace", "radio", "j_per_gflop"))
@@ -92,6 +93,16 @@ def test_a_killed_run_on_recorded_links_resumes_to_the_same_times_and_joules(
         kill_on_call(patch, StepEngine, "server_step", 5)  # round 2
         with pytest.raises(Kill):
             run_server_app(killed, nodes=3)
+    # what the launcher writes for a run stopped from outside has the energy so far too
+    stopped = summary_from_checkpoint(RunDir(killed.run_dir), "interrupted", "killed")
+    round_1 = RunDir(killed.run_dir).read_clients()
+    assert set(round_1["round"]) == {1}
+    joules = (round_1["energy_compute_j"] + round_1["energy_radio_j"]).sum()
+    assert stopped["energy_j"] == pytest.approx(joules) and stopped["energy_max_client"] in (
+        0,
+        1,
+        2,
+    )
     assert run_server_app(killed, nodes=3)[0]["status"] == "completed"
     for got, expected in zip(tables(killed), tables(whole), strict=True):
         pd.testing.assert_frame_equal(got, expected)
