@@ -19,6 +19,7 @@ from adc_flwr.config import RunConfig
 from adc_flwr.run.run_dir import RunDir
 from simulations import sweep
 from simulations.collect import (
+    ENERGY_RESULT_COLUMNS,
     RESULT_COLUMNS,
     TABLE_FILE,
     collect,
@@ -347,7 +348,10 @@ def test_rerun_skips_finished_points(
 def test_collect_table(smoke_sweep: tuple[Path, str]) -> None:
     out_dir, _ = smoke_sweep
     table = collect(out_dir)
-    assert list(table.columns) == ["run", "method", "compression", "level", *RESULT_COLUMNS]
+    columns = ["run", "method", "compression", "level", *RESULT_COLUMNS, *ENERGY_RESULT_COLUMNS]
+    assert list(table.columns) == columns
+    one_client = table["energy_j"] == table["energy_max_client_j"]  # smoke runs one node
+    assert one_client.all() and (table["energy_j"] > 0).all()
     assert list(table["run"]) == ["none", "adc-c0.25"]  # DESIGN order: none first
     on_disk = pd.read_csv(out_dir / TABLE_FILE)
     assert list(on_disk.columns) == list(table.columns) and len(on_disk) == 2
