@@ -31,7 +31,7 @@ from adc_flwr.run.files import RunDirError
 from adc_flwr.run.lock import TOKEN_ENV, RunLock
 from adc_flwr.run.resume import FINISHED, NEW, RESUME, resumable_checkpoint, run_state
 from adc_flwr.run.run_dir import RunDir
-from adc_flwr.run.summary import energy_summary, run_summary
+from adc_flwr.run.summary import run_energy, run_summary
 from adc_flwr.run.validation import check_out_root, validate_run
 from adc_flwr.training.device import resolve_device
 from adc_flwr.training.modules import (
@@ -211,10 +211,7 @@ def _summary(
         except (ValueError, KeyError, OSError) as exc:  # a damaged file: say so, keep the rest
             extra |= privacy_summary(pd.DataFrame(columns=["round", "reference"]))
             extra["privacy_error"] = f"{run_dir.privacy.path} cannot be read: {exc}"
-    try:
-        extra |= energy_summary(run_dir.read_clients())
-    except (ValueError, KeyError, OSError) as exc:  # a damaged file: say so, keep the rest
-        extra["energy_error"] = f"{run_dir.clients.path} cannot be read: {exc}"
+    extra |= run_energy(run_dir)
     extra.setdefault("clients_missed", list(strategy.recorder.missed.values()))
     extra.setdefault("batch_clamped", strategy.clients.batch_clamped)
     return run_summary(

@@ -106,18 +106,32 @@ def energy_summary(clients: pd.DataFrame) -> dict[str, Any]:
     """Energy keys from ``clients.csv``: joules of all clients (compute, radio) and the
     most-loaded client (the partition with the most joules over the run, and its joules)."""
     if clients.empty:
-        per_client = pd.Series(dtype=float)
-    else:
-        joules = clients["energy_compute_j"] + clients["energy_radio_j"]
-        per_client = joules.groupby(clients["partition"]).sum()
-    worst = None if per_client.empty else int(per_client.idxmax())
+        return {
+            "energy_j": 0.0,
+            "energy_compute_j": 0.0,
+            "energy_radio_j": 0.0,
+            "energy_max_client": None,
+            "energy_max_client_j": None,
+        }
+    joules = clients["energy_compute_j"] + clients["energy_radio_j"]
+    per_client = joules.groupby(clients["partition"]).sum()
+    worst = int(per_client.idxmax())
     return {
         "energy_j": float(per_client.sum()),
-        "energy_compute_j": float(clients["energy_compute_j"].sum()) if len(clients) else 0.0,
-        "energy_radio_j": float(clients["energy_radio_j"].sum()) if len(clients) else 0.0,
+        "energy_compute_j": float(clients["energy_compute_j"].sum()),
+        "energy_radio_j": float(clients["energy_radio_j"].sum()),
         "energy_max_client": worst,
-        "energy_max_client_j": None if worst is None else float(per_client[worst]),
+        "energy_max_client_j": float(per_client[worst]),
     }
+
+
+def run_energy(run_dir: RunDir) -> dict[str, Any]:
+    """:func:`energy_summary` of the run's ``clients.csv``; a file that cannot be read leaves
+    the keys out and says why in ``energy_error`` (the rest of the summary is kept)."""
+    try:
+        return energy_summary(run_dir.read_clients())
+    except (ValueError, KeyError, OSError) as exc:
+        return {"energy_error": f"{run_dir.clients.path} cannot be read: {exc}"}
 
 
 def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[str, Any]:
@@ -130,10 +144,6 @@ def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[st
         return run_summary(status, [], Traffic(), None, error=error)
     ledger = TrafficLedger()
     ledger.load_state_dict(checkpoint["ledger"])
-    try:
-        energy = energy_summary(run_dir.read_clients())
-    except (ValueError, KeyError, OSError) as exc:  # a damaged file: say so, keep the rest
-        energy = {"energy_error": f"{run_dir.clients.path} cannot be read: {exc}"}
     return run_summary(
         status,
         list(checkpoint["history"]),
@@ -141,5 +151,5 @@ def summary_from_checkpoint(run_dir: RunDir, status: str, error: str) -> dict[st
         float(checkpoint["wall_time_s"]),
         error=error,
         clients_missed=list(checkpoint.get("missed", [])),
-        **energy,
+        **run_energy(run_dir),
     )
