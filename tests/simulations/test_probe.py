@@ -272,7 +272,9 @@ def test_kill_9_of_the_launchers_group_leaves_nothing_and_a_rerun_resumes(
     """No process of the run is left a minute after kill -9 of the launcher's process
     group (the SuperLink lives in a session of its own), its private directory goes, and the
     same command then resumes the run and completes it."""
-    config = f"{TINY} num-server-rounds=3"
+    # 40 rounds of a quarter second: the log stream runs seconds behind the rounds, so with
+    # few rounds the kill can land after the run has finished (CI saw it with 3)
+    config = f"{TINY} num-server-rounds=40"
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("adcf.*"))
     proc = launch(tmp_path, "killed", config, start_new_session=True)
     assert proc.stdout is not None
@@ -288,10 +290,13 @@ def test_kill_9_of_the_launchers_group_leaves_nothing_and_a_rerun_resumes(
     _, alive = psutil.wait_procs(run_procs, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("adcf.*")) <= before
+    killed = RunDir(tmp_path / "killed")
+    early = killed.read_summary() or {}
+    assert early.get("status") != "completed", "the kill landed after the run had finished"
     code, out = finish(launch(tmp_path, "killed", config))
     assert code == 0 and "resuming" in out, out
-    summary = RunDir(tmp_path / "killed").read_summary()
-    assert summary["status"] == "completed" and summary["rounds"] == 3
+    summary = killed.read_summary()
+    assert summary["status"] == "completed" and summary["rounds"] == 40
 
 
 def _carries(proc: psutil.Process, token: str) -> bool:
