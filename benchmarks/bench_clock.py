@@ -97,6 +97,9 @@ def main() -> int:
         "lte, traced links": {"profile-trace": str(out / "lte-traced.csv")},
     }
     if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            parser.error(f"--only {unknown}: not a population here; one of {list(variants)}")
         variants = {name: extra for name, extra in variants.items() if name in args.only}
     lte = {"static": static, "traced": traced}
     for kind, rows in lte.items():

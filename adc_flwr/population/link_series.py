@@ -30,7 +30,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from adc_flwr.population.links import PACKET_BYTES, TraceError
+from adc_flwr.population.links import PACKET_BYTES, LinkTrace, TraceError
 from adc_flwr.run.files import RunDirError, atomic_write_bytes
 
 ATT_LTE_UPLINK_SPREAD = 3.8 / 1.57  # p90 / p50 of per-second uplink throughput
@@ -146,8 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RunDirError) as exc:
         print(f"link_series: {exc}", file=sys.stderr)
         return 2
-    mean = len(times) * PACKET_BYTES * 8 / (times[-1] / 1000) / 1e6
-    print(f"{args.out}: {len(times)} opportunities over {times[-1] / 1000:g} s, {mean:.4g} Mbit/s")
+    trace = LinkTrace(args.out, tuple(times))
+    print(
+        f"{args.out}: {len(times)} opportunities over {trace.period_ms / 1000:g} s, "
+        f"{trace.mean_mbps:.4g} Mbit/s"
+    )
     return 0
 
 

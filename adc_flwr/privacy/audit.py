@@ -176,7 +176,7 @@ class PrivacyAudit:
                 if n >= 4
                 else math.nan
             ),
-            "rows": len(victims.tokens),
+            "rows": n,
             "samples": len(victims.images),
             "aux_rows": len(aux.tokens),
             "fit_loss": fit_loss,
