@@ -14,7 +14,9 @@ Protocol (docs/design.md section 3), one exchange per step:
 With ``num-partitions`` > 0 the node is a worker, not a client: every message names the
 partition it runs (``partition-id`` in ``train.start`` and ``evaluate.held_out``, kept in
 ``context.state`` for the round's steps), and with ``client-optimizer = keep`` the moments go
-to the server at the round's end and come back with the client's next ``train.start``.
+to the server at the round's end and come back with the client's next ``train.start``. A
+node's own client sends them too (the server puts them in its checkpoint) but keeps its own
+copy, and is sent the server's only when its ``context.state`` lacks them (a resumed run).
 
 The front runs on this process's client device (``device``; under Ray the GPU its actor was
 given, if any); everything that leaves it (packets, fronts, ``context.state``) goes through the
@@ -69,10 +71,11 @@ def start(msg: Message, context: Context) -> Message:
             f"partition {setup.partition_id}"
         )
     keep = setup.cfg.client_optimizer == "keep"
-    if setup.cfg.pooled:  # a pooled client's moments come from the server, which keeps them
-        moments = record_to_state(msg.content[OPTIM]) if OPTIM in msg.content else None
-    else:
-        moments = _optimizer_state(context) if keep else None
+    moments = None
+    if keep and not setup.cfg.pooled and OPTIM in context.state:  # the node's own copy
+        moments = _optimizer_state(context)
+    elif keep and OPTIM in msg.content:  # pooled; or the checkpoint's, after a resume
+        moments = record_to_state(msg.content[OPTIM])
     _clear(context, keep_moments=keep and not setup.cfg.pooled)  # what a dropped round left
     xi = float(config["compression"])
     worker = setup.worker(record_to_state(msg.content[FRONT]), moments, xi)
@@ -139,7 +142,7 @@ def stop(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_run_config(context.run_config)
     reply = RecordDict()
     keep = cfg.client_optimizer == "keep" and OPTIM in context.state
-    if keep and cfg.pooled:  # what it keeps goes back to the server, which holds it
+    if keep:  # what it keeps goes back to the server (pooled: which holds it for the client)
         reply[OPTIM] = state_to_record(load_tensors(context, OPTIM))
     _clear(context, keep_moments=keep and not cfg.pooled)
     return Message(reply, reply_to=msg)
@@ -158,12 +161,12 @@ def _setup(context: Context, partition_id: int) -> ClientSetup:
 def _keep_moments(
     setup: ClientSetup, context: Context, reply: RecordDict, moments: dict[str, torch.Tensor]
 ) -> None:
-    """``client-optimizer = keep`` at the end of a round: a node's own client keeps its
-    moments in ``context.state``; a pooled client hands them to the server with its front
-    (not traffic: they stand for memory on the client's device)."""
-    if setup.cfg.pooled:
-        reply[OPTIM] = state_to_record(moments)
-    else:
+    """``client-optimizer = keep`` at the end of a round: the moments go to the server with
+    the front (not traffic: they stand for memory on the client's device; the server holds a
+    pooled client's and checkpoints everyone's); a node's own client also keeps them in
+    ``context.state``."""
+    reply[OPTIM] = state_to_record(moments)
+    if not setup.cfg.pooled:
         store_tensors(context, OPTIM, moments)
 
 

@@ -14,20 +14,29 @@ Safe by construction:
   read from; sources whose files cannot be named (``hf:`` hub sets) are not cached;
 - the content is data: ``.npy`` arrays read with ``allow_pickle=False`` and a JSON of
   numbers and strings, checked against each other on read; nothing is unpickled;
-- an entry is written to a temporary folder and renamed into place, so a reader sees a
-  whole entry or none; an entry that fails its checks is removed and rebuilt;
+- an entry is written to a temporary folder (named for its writer's host and PID) and
+  renamed into place, so a reader sees a whole entry or none; an entry that fails its checks
+  (the indices included: they must be the rows it holds) is removed and rebuilt;
+- nodes may share the directory: an entry is removed by renaming it aside first, so a
+  reader sees it whole or gone, and one that vanished or was replaced while it was read is
+  left to whoever did that; a temporary folder is removed only when its writer is dead (same
+  host) or it is older than :data:`STALE_TMP_S`, never while another process fills it;
 - at most :data:`MAX_ENTRIES` entries per directory (the least recently used go), each the
   size of one partition's images plus the labels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +44,14 @@ import numpy as np
 
 from adc_flwr.config import RunConfig
 from adc_flwr.data import DataBundle, ImageSplit
-from adc_flwr.data.sources import FASHION_MNIST_DIR
+from adc_flwr.data.identity import MAX_FILES, bundled_file, file_stats, sha256_file, source_roots
 
 CACHE_ENV = "ADC_NODE_CACHE"
 MAX_ENTRIES = 8
-MAX_FILES = 10_000  # a data folder with more files is not fingerprinted (nor cached)
 FORMAT = 1
+STALE_TMP_S = 3600.0  # an unfinished entry this old lost its writer (writing takes seconds)
 _META = "meta.json"
+_TMP, _TRASH = ".tmp-", ".trash-"  # being written; moved aside to be removed
 
 
 @dataclass(frozen=True)
@@ -80,46 +90,25 @@ def cache_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def _source_roots(cfg: RunConfig) -> list[Path] | None:
-    """Where the dataset's files live, or None when they cannot be named."""
-    prefix, _, rest = cfg.dataset.strip().partition(":")
-    roots = [Path(cfg.data_dir)] if cfg.data_dir.strip() else []
-    if cfg.dataset.strip() == "fashion-mnist":
-        return roots or [Path(FASHION_MNIST_DIR)]
-    if cfg.dataset.strip() == "digits":
-        import sklearn
-
-        return [Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"]
-    if prefix in ("parquet", "imagefolder") and rest:
-        path = Path(rest)
-        return [*roots, path if path.is_absolute() else Path(cfg.data_dir) / path]
-    return None
-
-
-def _files(root: Path) -> Iterator[Path]:
-    if root.is_file():
-        yield root
-    elif root.is_dir():
-        for folder, _, names in os.walk(root):
-            for name in sorted(names):
-                yield Path(folder) / name
-
-
 def data_identity(cfg: RunConfig) -> list[list[str | int]] | None:
-    """(path, size, mtime in ns) of every file the dataset may be read from; None when the
-    source's files cannot be named or are too many."""
-    roots = _source_roots(cfg)
+    """(path, size, mtime in ns) of every file the dataset may be read from (a bundled one:
+    its stable name and SHA-256); None when the source's files cannot be named or are more
+    than ``MAX_FILES`` (not cached)."""
+    if bundled := bundled_file(cfg.dataset):
+        name, path = bundled
+        digest = sha256_file(path)
+        return None if digest is None else [[name, digest]]
+    roots = source_roots(cfg.dataset, cfg.data_dir)
     if roots is None:
         return None
     out: list[list[str | int]] = []
     for root in roots:
         root = root.expanduser().resolve()
         out.append([str(root), int(root.exists())])
-        for path in _files(root):
-            stat = path.stat()
-            out.append([str(path), stat.st_size, stat.st_mtime_ns])
-            if len(out) > MAX_FILES:
-                return None
+        stats, capped = file_stats(root, MAX_FILES - len(out))
+        if capped:
+            return None
+        out.extend([str(path), size, mtime] for path, size, mtime in stats)
     return out
 
 
@@ -154,7 +143,8 @@ def _write(entry: Path, client: ClientData) -> None:
         "dtypes": {k: v.dtype.str for k, v in arrays.items()},
     }
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    writer = f"{_TMP}{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=writer, dir=entry.parent))
     try:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array, allow_pickle=False)
@@ -182,6 +172,7 @@ def _read(entry: Path) -> ClientData:
     labels = arrays["labels"]
     if len(labels) != meta["total"] or len(arrays["ids"]) != len(arrays["rows"]):
         raise ValueError("inconsistent sizes")
+    _check_rows(arrays, len(meta["class_names"]))
     empty = ImageSplit(np.zeros((0, *arrays["rows"].shape[1:]), np.uint8), labels[:0])
     data = DataBundle(
         train=ImageSplit(images, labels),  # type: ignore[arg-type]  # indexed like an array
@@ -196,12 +187,85 @@ def _read(entry: Path) -> ClientData:
     return ClientData(data, arrays["indices"], arrays["held_out"])
 
 
+def _check_rows(arrays: dict[str, np.ndarray], num_classes: int) -> None:
+    """The indices are row numbers whose union is exactly the rows held (``ids``, sorted,
+    unique: what :class:`PartitionRows` looks rows up in), and the labels are classes."""
+    for name in ("ids", "indices", "held_out", "labels"):
+        if arrays[name].ndim != 1 or arrays[name].dtype.kind not in "iu":
+            raise ValueError(f"{name}.npy is not a list of integers")
+    ids, labels = arrays["ids"], arrays["labels"]
+    if not np.array_equal(ids, np.unique(np.concatenate([arrays["indices"], arrays["held_out"]]))):
+        raise ValueError("indices.npy and held_out.npy are not the rows ids.npy holds")
+    if len(ids) and (ids[0] < 0 or ids[-1] >= len(labels)):
+        raise ValueError("ids.npy names rows outside the train split")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError("labels.npy holds a class the dataset does not have")
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def _discard(entry: Path, inode: int | None) -> None:
+    """Remove ``entry`` if it is still the folder ``inode`` names: renamed aside in one
+    step (a reader sees it whole or gone), then deleted. Gone already, or replaced by another
+    process's new entry meanwhile: left alone."""
+    if inode is None or _inode(entry) != inode:
+        return
+    trash = entry.with_name(f"{_TRASH}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(entry, trash)
+    except OSError:  # another process moved it first
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _writer_gone(folder: Path, now: float) -> bool:
+    """A ``.tmp-`` folder whose writer died: its PID is gone (on this host), or it is older
+    than :data:`STALE_TMP_S`; a ``.trash-`` folder is always removable."""
+    if folder.name.startswith(_TRASH):
+        return True
+    try:
+        age = now - folder.stat().st_mtime
+    except OSError:
+        return False
+    host, _, pid = folder.name.removeprefix(_TMP).rpartition("-")[0].rpartition("-")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, another user's
+            pass
+    return age > STALE_TMP_S
+
+
+def _sweep(root: Path) -> None:
+    """Remove unfinished entries whose writers died, and removals that never finished."""
+    now = time.time()
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name.startswith((_TMP, _TRASH)) and _writer_gone(folder, now):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _evict(root: Path, keep: Path) -> None:
-    """Remove the least recently used entries beyond :data:`MAX_ENTRIES`."""
-    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    entries.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for old in [p for p in entries if p != keep][MAX_ENTRIES - 1 :]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Remove the least recently used entries beyond :data:`MAX_ENTRIES` (those another
+    process removes meanwhile are skipped)."""
+    entries: list[tuple[int, int, Path]] = []
+    for path in root.iterdir():
+        if path.name.startswith(".") or path == keep or not path.is_dir():
+            continue
+        try:
+            stat = path.stat()
+        except OSError:  # removed by another process since the listing
+            continue
+        entries.append((stat.st_mtime_ns, stat.st_ino, path))
+    entries.sort(reverse=True)
+    for _, inode, old in entries[MAX_ENTRIES - 1 :]:
+        _discard(old, inode)
 
 
 def cached_client_data(
@@ -218,14 +282,18 @@ def cached_client_data(
         return build()
     entry = root / key
     if entry.is_dir():
+        inode = _inode(entry)
         try:
             client = _read(entry)
-            os.utime(entry)  # recently used
-            return client
         except (OSError, ValueError, KeyError, TypeError):
-            shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuilt below
+            _discard(entry, inode)  # damaged (unless another node replaced it): rebuilt below
+        else:
+            with contextlib.suppress(OSError):  # evicted since: the data read is whole
+                os.utime(entry)  # recently used
+            return client
     client = build()
     try:  # a cache that cannot be written (full disk, a racing node) is only slower
+        _sweep(root)
         _write(entry, client)
         _evict(root, entry)
         return _read(entry)

@@ -11,7 +11,9 @@ writes, atomically, beside the runs:
   ``privacy_images.npz``, each run's example reconstructions keyed ``<run>/<name>``.
 
 The tables are all a notebook needs, so results can ship without their run directories
-(``simulations/results/``); collecting a folder with no runs leaves its tables alone.
+(``simulations/results/``); collecting a folder with no runs leaves its tables alone. A run
+with a file that cannot be read is ``damaged`` in ``table.csv`` and in no other table; the
+CLI names the file and exits 1 ([sweeps](../docs/sweeps.md#a-damaged-point)).
 
     python -m simulations.collect results/paper_sweep [--values test_accuracy] [--long]
 
@@ -29,7 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 
@@ -41,24 +43,33 @@ from simulations.tables import (
     EVALS,
     PARTITIONS,
     PRIVACY,
+    Point,
+    TableError,
+    _configs,
     _mb,
-    _runs,
+    _reason,
     _swept_keys,
-    client_rounds,
+    client_table,
     curves,
+    eval_table,
+    image_table,
     nominal_level,
-    partition_counts,
-    privacy_images,
-    privacy_rounds,
+    partition_table,
+    privacy_table,
+    read_points,
+    read_table,
     write_tidy,
 )
 
 TABLE_FILE = "table.csv"
+DAMAGED = "damaged"  # the status of a run with a file collect cannot read
 SWEEP_FILE = "sweep.json"  # written by the sweep runner: its points and their statuses
 # the order methods are listed in (docs/design.md section 2); others follow alphabetically
 METHOD_ORDER = ("none", "adc", "topk", "random-topk", "c3sl", "bottlenet", "quant", "pq")
 # keys folded into `level`, so a pivot by level needs none of them as columns
 LEVEL_KEYS = ("compression", "c3sl-r", "quant-bits", "batch-compression", "token-compression")
+# what a table.csv must hold for the pivot (and the notebooks: simulations/studies.py)
+TABLE_NEEDED = ("run", "method", "level", "status")
 RESULT_COLUMNS = (
     "status",
     "stop_reason",
@@ -96,8 +107,11 @@ ENERGY_RESULT_COLUMNS = (
 )
 
 
-def _method_rank(method: str) -> tuple[int, str]:
-    """Methods in DESIGN order, unknown ones after them alphabetically."""
+def _method_rank(method: str | None) -> tuple[int, str]:
+    """Methods in DESIGN order, unknown ones after them alphabetically (none: a run whose
+    config could not be read, or a point that made no run directory)."""
+    if not isinstance(method, str):
+        return (len(METHOD_ORDER) + 1, "")
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
@@ -107,42 +121,19 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     Columns: run, method, compression, level, the keys that vary between runs, then
     :data:`RESULT_COLUMNS`. A run without a summary has the status and error the sweep
     recorded for it (``sweep.json``), else ``incomplete`` (running, or killed); a point that
-    failed before it made a run directory still has its row, with its error.
+    failed before it made a run directory still has its row, with its error; a run with a
+    file that cannot be read is ``damaged``, its error naming the file. The tidy tables hold
+    the runs ``completed`` here, no others.
     """
-    runs = _runs(results_dir)
     recorded = sweep_results(results_dir)
-    if not runs and not recorded:
+    points = read_points(results_dir, recorded)
+    if not points and not recorded:
         # e.g. shipped tables without their run directories: leave them as they are
         raise FileNotFoundError(f"{results_dir} holds no run directories and no {SWEEP_FILE}")
-    swept = [k for k in _swept_keys([c for _, c in runs]) if k not in ("method", "compression")]
-    rows = []
-    for run, config in runs:
-        summary = run.read_summary() or recorded.get(run.path.name, {})
-        metrics = run.read_metrics()
-        rows.append(
-            {
-                "run": run.path.name,
-                "method": config.get("method"),
-                "compression": config.get("compression"),
-                "level": nominal_level(config),
-                **{k: config.get(k) for k in swept},
-                "status": summary.get("status", "incomplete"),
-                "stop_reason": summary.get("stop_reason"),
-                "test_accuracy": summary.get("test_accuracy"),
-                "test_loss": summary.get("test_loss"),
-                **_mb(summary),
-                "compression_ratio": summary.get("compression_ratio"),
-                "rounds": summary.get("rounds"),
-                "steps": int((metrics["kind"] == "step").sum()),
-                "wall_time_s": summary.get("wall_time_s"),
-                "sim_time_s": summary.get("sim_time_s"),
-                "error": summary.get("error"),
-                **{k: summary[k] for k in PRIVACY_RESULT_COLUMNS if k in summary},
-                **{k: summary[k] for k in ENERGY_RESULT_COLUMNS if k in summary},
-            }
-        )
+    swept = [k for k in _swept_keys(_configs(points)) if k not in ("method", "compression")]
+    rows = [_row(point, recorded.get(point.name, {}), swept) for point in points]
     # points the sweep tried that left no run directory (refused before they started)
-    seen = {run.path.name for run, _ in runs}
+    seen = {point.name for point in points}
     for name, result in recorded.items():
         if name not in seen:
             rows.append({"run": name, "status": result.get("status"), "error": result.get("error")})
@@ -161,13 +152,45 @@ def collect(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
             .reset_index(drop=True)
         )
     atomic_write_text(Path(results_dir) / TABLE_FILE, table.to_csv(index=False))
-    write_tidy(results_dir, EVALS, curves(results_dir, all_keys=True))
-    write_tidy(results_dir, CLIENTS, client_rounds(results_dir))
-    write_tidy(results_dir, PARTITIONS, partition_counts(results_dir))
-    write_tidy(results_dir, PRIVACY, privacy_rounds(results_dir))
-    if images := privacy_images(results_dir):
+    write_tidy(results_dir, EVALS, eval_table(points, all_keys=True))
+    write_tidy(results_dir, CLIENTS, client_table(points))
+    write_tidy(results_dir, PARTITIONS, partition_table(points))
+    write_tidy(results_dir, PRIVACY, privacy_table(points))
+    if images := image_table(points):
         write_arrays(Path(results_dir) / PRIVACY_IMAGES_FILE, images)
     return table
+
+
+def _row(point: Point, recorded: dict[str, Any], swept: list[str]) -> dict[str, Any]:
+    """``point``'s row of ``table.csv``; a damaged one's error names the file, then what the
+    run itself said."""
+    config, metrics = point.config, point.metrics
+    steps = None if point.damage else 0  # no metrics.csv: a run that never stepped
+    summary = point.summary or recorded
+    status, error = summary.get("status", "incomplete"), summary.get("error")
+    if point.damage:
+        said = f" (the run's own status: {status}{f': {error}' if error else ''})"
+        status, error = DAMAGED, point.damage + (said if summary else "")
+    return {
+        "run": point.name,
+        "method": config.get("method"),
+        "compression": config.get("compression"),
+        "level": nominal_level(config) if config else None,
+        **{k: config.get(k) for k in swept},
+        "status": status,
+        "stop_reason": summary.get("stop_reason"),
+        "test_accuracy": summary.get("test_accuracy"),
+        "test_loss": summary.get("test_loss"),
+        **_mb(summary),
+        "compression_ratio": summary.get("compression_ratio"),
+        "rounds": summary.get("rounds"),
+        "steps": int((metrics["kind"] == "step").sum()) if metrics is not None else steps,
+        "wall_time_s": summary.get("wall_time_s"),
+        "sim_time_s": summary.get("sim_time_s"),
+        "error": error,
+        **{k: summary[k] for k in PRIVACY_RESULT_COLUMNS if k in summary},
+        **{k: summary[k] for k in ENERGY_RESULT_COLUMNS if k in summary},
+    }
 
 
 def sweep_results(results_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -177,9 +200,9 @@ def sweep_results(results_dir: str | os.PathLike[str]) -> dict[str, dict[str, An
         return {}
     try:
         return dict(json.loads(path.read_text(encoding="utf-8")).get("results", {}))
-    except (json.JSONDecodeError, AttributeError) as exc:
+    except (ValueError, AttributeError, TypeError) as exc:  # not UTF-8, not JSON, no mapping
         raise RunDirError(
-            f"{path} is damaged ({exc}); move it away and run the sweep again"
+            f"{path}: damaged ({_reason(path, exc)}); move it away and run the sweep again"
         ) from exc
 
 
@@ -279,6 +302,18 @@ def markdown_pivot(table: pd.DataFrame, values: str = "test_accuracy") -> str:
     return to_markdown(cells, fmt)
 
 
+def report_damaged(table: pd.DataFrame, file: TextIO | None = None) -> int:
+    """One ``error:`` line per damaged run of ``table`` (on stderr), naming its file; how many."""
+    damaged = table[table["status"] == DAMAGED]
+    for run, error in zip(damaged["run"], damaged["error"], strict=True):
+        print(
+            f"error: {error}; {run} is {DAMAGED} in {TABLE_FILE} and in no other table or "
+            "pivot (restore the file, or move the run directory away and rerun its point)",
+            file=file or sys.stderr,
+        )
+    return len(damaged)
+
+
 LONG_COLUMNS = (
     "run",
     "level",
@@ -302,16 +337,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shipped = Path(args.results_dir) / TABLE_FILE
     try:
-        table = collect(args.results_dir)
-    except FileNotFoundError as exc:
-        if not shipped.is_file():
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        # tables without their runs (simulations/results/): show them, rewrite nothing
-        print(f"{args.results_dir} holds no run directories: its {TABLE_FILE} as it is\n")
-        table = pd.read_csv(shipped)
-    else:
-        print(f"{len(table)} runs -> {Path(args.results_dir) / TABLE_FILE}\n")
+        try:
+            table = collect(args.results_dir)
+        except FileNotFoundError as exc:
+            if not shipped.is_file():
+                raise TableError(str(exc)) from exc
+            # tables without their runs (simulations/results/): show them, rewrite nothing
+            print(f"{args.results_dir} holds no run directories: its {TABLE_FILE} as it is\n")
+            table = read_table(shipped, TABLE_NEEDED)
+        else:
+            print(f"{len(table)} runs -> {shipped}\n")
+    except (RunDirError, TableError) as exc:  # a damaged sweep.json or table, a full disk
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.values not in table.columns:
         print(f"error: --values {args.values!r} is not a column of {TABLE_FILE}", file=sys.stderr)
         return 2
@@ -319,19 +357,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.long and len(table):
         print()
         print(to_markdown(table.set_index("method")[list(LONG_COLUMNS)], "{:.4g}"))
-    return 0
+    damaged = report_damaged(table)
+    return 1 if damaged else 0
 
 
 __all__ = [
     "CLIENTS",
+    "DAMAGED",
     "EVALS",
     "PARTITIONS",
+    "TableError",
     "collect",
     "curves",
     "markdown_pivot",
     "nominal_level",
     "over_seeds",
     "pivot",
+    "report_damaged",
     "to_markdown",
 ]
 

@@ -26,7 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adc_flwr.config import ConfigError
+from adc_flwr.config import ConfigError, RunConfig
+from adc_flwr.run.input_root import IN_ROOT_ENV, local_inputs
 from adc_flwr.run.validation import OUT_ROOT_ENV
 from simulations import supervise
 from simulations.certs import make_node_key
@@ -73,6 +74,21 @@ def start_deployment(deployment: LocalDeployment, nodes: int) -> None:
     )
 
 
+def input_root(run_config: str, out_dir: str) -> str:
+    """``ADC_IN_ROOT`` for this deployment: the files and folders its run config names, the
+    link traces of its profile-trace included (its out-dir when it names none). A path that
+    holds ``os.pathsep`` cannot be listed: the ServerApp then refuses it, naming it."""
+    from adc_flwr.population.profile_csv import read_trace
+
+    cfg = RunConfig.from_run_config(parse_pairs(run_config, "--run-config"))
+    paths = [path for _, path in local_inputs(cfg)]
+    if cfg.profile_trace.strip():  # read by the preflight already: a valid trace
+        for profile in read_trace(cfg.profile_trace):
+            paths += [Path(t.path) for t in (profile.uplink_trace, profile.downlink_trace) if t]
+    roots = dict.fromkeys(str(path.expanduser().resolve()) for path in paths if path.exists())
+    return os.pathsep.join(root for root in roots if os.pathsep not in root) or out_dir
+
+
 class Deployment:
     """``flwr run`` against a SuperLink and ``nodes`` SuperNodes started in the private
     directory."""
@@ -85,9 +101,10 @@ class Deployment:
         self.deployment: LocalDeployment | None = None
 
     def run(self, home: Path, run_config: str) -> None:
-        # the ServerApp writes only under this run's out-dir unless the user pinned a root
+        # the ServerApp writes only under this run's out-dir and reads only this run's inputs,
+        # unless the user pinned roots of their own
         out_dir = str(parse_pairs(run_config, "--run-config")["out-dir"])
-        env = {OUT_ROOT_ENV: out_dir} | os.environ
+        env = {OUT_ROOT_ENV: out_dir, IN_ROOT_ENV: input_root(run_config, out_dir)} | os.environ
         self.deployment = LocalDeployment(home, env=env)
         start_deployment(self.deployment, self.nodes)
         command = ["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config]

@@ -309,7 +309,25 @@ def select(points: Iterable[Point], only: Sequence[str]) -> list[Point]:
                 return False
         return True
 
-    return [p for p in points if matches(p)]
+    chosen = [p for p in points if matches(p)]
+    if filters and not chosen:
+        raise ExperimentError(_matches_nothing(list(points), filters))
+    return chosen
+
+
+def _matches_nothing(points: list[Point], filters: list[tuple[str, list[str]]]) -> str:
+    """Why ``--only`` chose no point: the filters, and the values the points hold."""
+    held = []
+    for key in dict.fromkeys(key for key, _ in filters):
+        if key == "name":
+            values = [p.name for p in points]
+        else:
+            values = [str(p.config("results").to_run_config()[key]) for p in points]
+        shown = list(dict.fromkeys(values))
+        more = f", ... ({len(shown)} values)" if len(shown) > 8 else ""
+        held.append(f"{key} {', '.join(shown[:8])}{more}")
+    asked = " ".join(f"--only {key}={','.join(values)}" for key, values in filters)
+    return f"{asked} matches none of the {len(points)} points (they hold {'; '.join(held)})"
 
 
 def _equal(value: Any, text: str) -> bool:

@@ -3,7 +3,8 @@
 - :func:`check`: parses ``--run-config`` and ``--federation-config`` exactly as ``flwr run``
   does (Flower's own parser), runs :func:`adc_flwr.run.validation.validate_run` with the
   number of SuperNodes and asks :func:`adc_flwr.run.resume.run_state` about the run
-  directory, so every error is one line, before any Flower or Ray process starts.
+  directory (and :func:`adc_flwr.run.inputs.check_inputs` whether a resume's inputs
+  changed), so every error is one line, before any Flower or Ray process starts.
   :func:`check_apart` runs it in a child process.
 - :func:`run_location`: where the run writes, from the config or the environment.
 - :func:`pinned_run_config`: the run config ``flwr run`` gets, with where to write.
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from adc_flwr.config import ConfigError
-from adc_flwr.run.resume import RESUME, resumable_checkpoint, run_state
+from adc_flwr.run.inputs import check_inputs
+from adc_flwr.run.resume import FINISHED, RESUME, resumable_checkpoint, run_state
 from adc_flwr.run.run_dir import RunDir
 
 DEFAULT_SUPERNODES = 2  # flwr's own default since 1.32
@@ -74,6 +76,8 @@ def check(run_config: str, federation_config: str, out_dir: str, run_name: str) 
     cfg = validate_run(pairs, num_supernodes=nodes)
     run_dir = RunDir(cfg.run_dir)
     state = run_state(run_dir, cfg.to_run_config())
+    if state in (RESUME, FINISHED):  # changed inputs: a resume is refused, a finished run told
+        check_inputs(run_dir, cfg, finished=state == FINISHED)
     if state == RESUME:  # a damaged checkpoint or metrics.csv: now, not once Flower runs
         resumable_checkpoint(run_dir)
     return state

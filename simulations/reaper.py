@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
 
+from simulations.stopping import handle, one_shot
+
 GRACE_S = 5.0  # SIGTERM first; whatever still runs after this gets SIGKILL
+QUIET_S = 3.0  # a dead run's processes are gone when none came back for this long
+POLL_S = 0.25
 PR_SET_CHILD_SUBREAPER = 36
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(Exception):
@@ -79,70 +83,67 @@ def stop_descendants(grace_s: float = GRACE_S, spare: Iterable[int] = ()) -> Non
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def carrying(variable: str, value: str) -> list[psutil.Process]:
-    """Processes whose environment has ``variable=value`` (those this user may read): every
-    process a launcher started, however Flower detached it, inherits the launcher's token."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(variable) == value:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
+def leftovers(
+    token: tuple[str, str] | None = None, homes: Iterable[Path] = ()
+) -> Callable[[], list[psutil.Process]]:
+    """A finder of a dead run's processes (those this user may read), in one pass: those whose
+    environment has ``token`` (``(variable, value)``: every process a launcher started,
+    however Flower detached it, inherits the launcher's token) or whose command line or
+    environment names one of ``homes`` or a path below it (a Ray session's processes - raylet,
+    GCS, the agents it starts again without the token - all name the session directory in the
+    run's private directory)."""
+    paths = {path for home in homes for path in (str(home), os.path.realpath(home))}
+    pattern = re.compile("|".join(map(re.escape, paths)) + r"(?![\w.-])")  # not a longer name
+
+    def found(proc: psutil.Process) -> bool:
+        environ = proc.environ()
+        if token is not None and environ.get(token[0]) == token[1]:
+            return True
+        return bool(paths) and any(
+            pattern.search(word) for word in [*proc.cmdline(), *environ.values()]
+        )
+
+    def find() -> list[psutil.Process]:
+        procs = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and found(proc):
+                    procs.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        return procs
+
+    return find
 
 
-def kill_carrying(variable: str, value: str, rounds: int = 20) -> int:
-    """SIGKILL every process carrying ``variable=value`` until none is left (a process may
-    start others while its siblings die); how many were killed."""
-    killed = 0
-    for _ in range(rounds):
-        procs = carrying(variable, value)
-        if not procs:
+def kill_until_quiet(
+    find: Callable[[], list[psutil.Process]], quiet_s: float = QUIET_S, limit_s: float = 60.0
+) -> int:
+    """SIGKILL what ``find`` returns until it has found nothing for ``quiet_s`` seconds
+    since the last kill (a raylet may start its agents again while they die), for at most
+    ``limit_s``; how many were killed. Returns at once when the first look finds nothing."""
+    killed, last_kill, deadline = 0, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        procs = find()
+        if procs:
+            _terminate(procs, kill=True)
+            psutil.wait_procs(procs, timeout=1.0)
+            killed, last_kill = killed + len(procs), time.monotonic()
+        elif not killed or time.monotonic() - last_kill >= quiet_s:
             break
-        _terminate(procs, kill=True)
-        psutil.wait_procs(procs, timeout=1.0)
-        killed += len(procs)
+        else:
+            time.sleep(POLL_S)
     return killed
 
 
-def raise_interrupted(signum: int, _frame: object) -> None:
-    """Signal handler, one-shot: later signals are ignored, so nothing can cut the clean-up
-    short."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise Interrupted(signal.Signals(signum).name)
+raise_interrupted = one_shot(Interrupted)  # later signals are ignored: see one_shot
 
 
 def handle_stop_signals() -> None:
-    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` from now on."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, raise_interrupted)
-
-
-def block_stop_signals() -> set[signal.Signals]:
-    """Hold SIGINT, SIGTERM and SIGHUP pending; returns the signal mask it replaced.
-
-    Once it returns, no stop signal's handler runs until they are unblocked:
-    ``pthread_sigmask`` runs the handlers of signals that came just before it, so an
-    :class:`Interrupted` they raise comes out of this call, never later. (The signal mask is
-    the calling thread's: the launchers start no threads.)
-    """
-    return signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-def restore_signal_mask(mask: set[signal.Signals]) -> None:
-    """Put back a mask :func:`block_stop_signals` returned; a stop signal held pending
-    meanwhile runs its handler in this call."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def ignore_stop_signals(mask: set[signal.Signals]) -> None:
-    """Stop signals are ignored from now on (the run is over: its clean-up and verdict go
-    on, whatever comes), those held pending meanwhile too; then ``mask`` is put back."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # a pending signal set to SIG_IGN is dropped
-    restore_signal_mask(mask)
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` from now on; a SIGHUP this
+    process was started ignoring (``nohup``) stays ignored, SIGINT and SIGTERM never do (a
+    CI script's ``cmd &`` starts its children with SIGINT ignored)."""
+    handle(raise_interrupted, keep_ignored=(signal.SIGHUP,))
 
 
 Watchdog = subprocess.Popen  # python -m simulations.watchdog, its stdin a pipe from here

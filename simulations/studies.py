@@ -20,10 +20,27 @@ import pandas as pd
 from adc_flwr.run.files import read_arrays
 from adc_flwr.run.run_dir import PRIVACY_IMAGES_FILE
 from adc_flwr.run.summary import STRAGGLER
-from simulations.collect import CLIENTS, EVALS, PARTITIONS, PRIVACY, TABLE_FILE, over_seeds
+from simulations.collect import (
+    CLIENTS,
+    EVALS,
+    PARTITIONS,
+    PRIVACY,
+    TABLE_FILE,
+    TABLE_NEEDED,
+    over_seeds,
+)
+from simulations.tables import TableError, read_table
 
 SHIPPED = Path(__file__).resolve().parent / "results"
 FIGURES_ENV = "ADC_FIGURES"  # where notebooks save PNGs; default: beside the tables
+# the columns the notebooks read from each table (besides the config keys they attach)
+NEEDED = {
+    TABLE_FILE: (*TABLE_NEEDED, "stop_reason", "test_accuracy", "mb_total"),
+    EVALS: ("run", "method", "level", "round", "step", "test_accuracy", "mb_total"),
+    CLIENTS: ("run", "method", "level", "round", "partition", "outcome"),
+    PARTITIONS: ("run", "partition_id", "label", "count"),
+    PRIVACY: ("run", "round", "reference"),
+}
 
 
 @dataclass
@@ -62,21 +79,35 @@ class Study:
 
 
 def load_study(folder: str | os.PathLike[str]) -> Study:
-    """Read a sweep's tables (parquet where written, else csv)."""
+    """Read a sweep's tables (parquet where written, else csv), checked: each holds the
+    columns the notebooks read, and the tidy tables hold only the runs ``table.csv`` calls
+    completed (``evals`` all of them). A table that does not is a :class:`TableError`
+    naming it ([sweeps](../docs/sweeps.md#a-damaged-point))."""
     folder = Path(folder).expanduser().resolve()
     if not (folder / TABLE_FILE).is_file():
         raise FileNotFoundError(
             f"{folder / TABLE_FILE} not found: run the sweep, then "
             f"`python -m simulations.collect {folder}`"
         )
+    table = read_table(folder / TABLE_FILE, NEEDED[TABLE_FILE])
+    completed = set(table.loc[table["status"] == "completed", "run"])
 
     def tidy(name: str) -> pd.DataFrame:
-        for suffix, read in ((".parquet", pd.read_parquet), (".csv", pd.read_csv)):
-            if (folder / f"{name}{suffix}").is_file():
-                return read(folder / f"{name}{suffix}")
-        return pd.DataFrame()
+        path = next(
+            (p for s in (".parquet", ".csv") if (p := folder / f"{name}{s}").is_file()), None
+        )
+        if path is None:
+            return pd.DataFrame()
+        frame = read_table(path, NEEDED[name])
+        if extra := sorted(set(frame["run"]) - completed):
+            raise TableError(f"{path}: holds run {extra[0]!r}, not completed in {TABLE_FILE}")
+        if name == EVALS and (lacking := sorted(completed - set(frame["run"]))):
+            raise TableError(
+                f"{path}: no evaluation of run {lacking[0]!r}, completed in {TABLE_FILE}; "
+                f"collect the sweep again (`python -m simulations.collect {folder}`)"
+            )
+        return frame
 
-    table = pd.read_csv(folder / TABLE_FILE)
     return Study(folder, table, tidy(EVALS), tidy(CLIENTS), tidy(PARTITIONS), tidy(PRIVACY))
 
 
@@ -272,6 +303,7 @@ def label_partitioner(partitions: pd.DataFrame, run: str, class_names: Sequence[
 __all__ = [
     "SHIPPED",
     "Study",
+    "TableError",
     "client_time",
     "federated_spread",
     "final_over_seeds",

@@ -31,6 +31,7 @@ to resume).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -44,7 +45,7 @@ from typing import Protocol
 import psutil
 
 from adc_flwr.config import ConfigError, run_name_problem
-from adc_flwr.run.files import RunDirError
+from adc_flwr.run.files import RunDirError, os_reason
 from adc_flwr.run.lock import TOKEN_ENV, RunLock
 from adc_flwr.run.resume import FINISHED
 from adc_flwr.run.run_dir import SUMMARY_FILE, RunDir
@@ -54,15 +55,14 @@ from simulations.reaper import (
     Interrupted,
     Watchdog,
     become_subreaper,
-    block_stop_signals,
     dismiss_watchdog,
     handle_stop_signals,
-    ignore_stop_signals,
-    kill_carrying,
-    restore_signal_mask,
+    kill_until_quiet,
+    leftovers,
     start_watchdog,
     stop_descendants,
 )
+from simulations.stopping import block_stop_signals, ignore_stop_signals, restore_signal_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
@@ -151,9 +151,9 @@ def supervise(job: Job, run_config: str, federation_config: str, run_dir: Path) 
         return EXIT_INVALID
     try:
         # a launcher killed with -9 may have left its run's processes and private directory
-        if lock.previous is not None and kill_carrying(TOKEN_ENV, lock.previous.token):
-            print(f"stopped what was left of the run of {lock.previous} (its launcher died)")
-        remove_stale_homes(job.prefix)
+        previous = lock.previous
+        if remove_stale_homes(job.prefix, previous.token if previous else None) and previous:
+            print(f"stopped what was left of the run of {previous} (its launcher died)")
         os.environ[TOKEN_ENV] = token  # every process the run starts inherits it
         if not become_subreaper():
             print("warning: not a child subreaper; a process Flower detaches may survive the run")
@@ -170,6 +170,7 @@ def run_supervised(job: Job, run_config: str, run_dir: Path, token: str) -> int:
     failure: StartFailed | None = None
     watchdog: Watchdog | None = None
     logs: list[str] = []
+    unkept = ""  # why Flower's logs could not be kept
     since = time.time_ns()
     # stop signals are held from here until their handler is in place, and again from the
     # end of the run to the end of the clean-up, so none can cut either short
@@ -190,24 +191,36 @@ def run_supervised(job: Job, run_config: str, run_dir: Path, token: str) -> int:
     finally:
         try:
             stop_descendants(spare=() if watchdog is None else (watchdog.pid,))
-            logs = keep_logs(job.logs(home), run_dir, since, interrupted is not None)
+            logs, unkept = keep_logs(job.logs(home), run_dir, since, interrupted is not None)
         finally:
             shutil.rmtree(home, ignore_errors=True)
             dismiss_watchdog(watchdog)
             ignore_stop_signals(mask)  # the verdict is written whatever comes
     if failure is not None and interrupted is None:
         kept = f"\nFlower's logs: {', '.join(str(run_dir / log) for log in logs)}" if logs else ""
+        kept += f"\nFlower's logs could not be kept: {unkept}" if unkept else ""
         print(f"error: {job.what} did not start: {failure}{kept}", file=sys.stderr)
         return EXIT_FAILED
-    return verdict(run_dir, since, interrupted, logs)
+    return verdict(run_dir, since, interrupted, logs, unkept)
 
 
-def remove_stale_homes(prefix: str) -> None:
-    """Private directories (``<prefix><pid>.*`` in the temp folder) whose launcher is gone."""
+def remove_stale_homes(prefix: str, token: str | None = None) -> int:
+    """Private directories (``<prefix><pid>.*`` in the temp folder) whose launcher is gone,
+    and what dead launchers left running, as their watchdog would end it
+    (:mod:`simulations.watchdog`): the processes naming those directories (a Ray session
+    there, its agents included) and those carrying ``token`` (the run directory's previous
+    launcher's); how many processes were killed."""
+    homes = []
     for home in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         pid = home.name.removeprefix(prefix).split(".", 1)[0]
         if home.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(home, ignore_errors=True)
+            homes.append(home)
+    killed = 0
+    if homes or token:
+        killed = kill_until_quiet(leftovers((TOKEN_ENV, token) if token else None, homes))
+    for home in homes:
+        shutil.rmtree(home, ignore_errors=True)
+    return killed
 
 
 def fresh_summary(run_dir: Path, since_ns: int) -> dict | None:
@@ -234,29 +247,40 @@ def mark_interrupted(run_dir: Path, since_ns: int, interrupted_ns: int, reason: 
 
 def keep_logs(
     sources: Mapping[str, Path], run_dir: Path, since_ns: int, interrupted: bool
-) -> list[str]:
-    """Copy Flower's logs (name in the run directory -> file) there; the names kept.
+) -> tuple[list[str], str]:
+    """Copy Flower's logs (name in the run directory -> file) there; the names kept, and
+    why the rest were not ("" when none failed): the file that could not be written and the
+    OS's reason (a full disk: ``No space left on device (ENOSPC)``); a partial copy goes.
 
     When the run was not interrupted and wrote no summary (``flwr run`` failed before the
     ServerApp made the run directory, say), the directory is made here: the verdict names
     these copies, and the originals go with the private directory.
     """
     summary = run_dir / SUMMARY_FILE
-    kept = []
+    kept: list[str] = []
+    target = run_dir
     try:
         if not interrupted and not (summary.exists() and summary.stat().st_mtime_ns > since_ns):
             run_dir.mkdir(parents=True, exist_ok=True)
         for name, source in sources.items():
             if source.exists() and run_dir.exists():
-                shutil.copyfile(source, run_dir / name)
+                target = run_dir / name
+                shutil.copyfile(source, target)
                 kept.append(name)
     except OSError as exc:
-        print(f"warning: Flower's logs could not be kept in {run_dir}: {exc}", file=sys.stderr)
-    return kept
+        if target != run_dir:
+            with contextlib.suppress(OSError):
+                target.unlink(missing_ok=True)
+        return kept, f"{target} cannot be written: {os_reason(exc)}"
+    return kept, ""
 
 
 def verdict(
-    run_dir: Path, since_ns: int, interrupted: Interrupted | None, logs: Sequence[str]
+    run_dir: Path,
+    since_ns: int,
+    interrupted: Interrupted | None,
+    logs: Sequence[str],
+    unkept: str = "",
 ) -> int:
     """The exit status of the run in ``run_dir``, started by this invocation at ``since_ns``,
     judged by the summary it wrote, with one line saying why (stdout when completed, else
@@ -264,10 +288,12 @@ def verdict(
 
     ``interrupted`` says a signal stopped it; ``logs`` are the Flower log files copied into
     ``run_dir`` (none: they could not be kept): named when no summary was written, removed
-    when the run completed.
+    when the run completed; ``unkept`` is why some could not be kept (:func:`keep_logs`).
     """
     name = run_dir.name
     summary = fresh_summary(run_dir, since_ns)
+    if unkept and (summary is not None or interrupted is not None):  # else the last line says
+        print(f"warning: Flower's logs could not be kept: {unkept}", file=sys.stderr)
     if interrupted is not None and (summary or {}).get("status") != "completed":
         reason = f"interrupted by {interrupted}"
         mark_interrupted(run_dir, since_ns, interrupted.at_ns, reason)
@@ -276,8 +302,10 @@ def verdict(
     if summary is None:
         where = ", ".join(str(run_dir / log) for log in logs)
         what = "Flower's log" if len(logs) == 1 else "Flower's logs"
-        see = f"see {where} for {what}" if logs else "and Flower's logs could not be kept"
-        print(f"run {name} did not complete: it wrote no summary ({see})", file=sys.stderr)
+        see = f" (see {where} for {what})" if logs else " (and Flower's logs could not be kept)"
+        if unkept:  # a full disk, say: the summary most likely failed the same way
+            see = f", and Flower's logs could not be kept: {unkept}"
+        print(f"run {name} did not complete: it wrote no summary{see}", file=sys.stderr)
         return EXIT_FAILED
     if summary["status"] != "completed":
         print(

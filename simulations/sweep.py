@@ -11,8 +11,10 @@ sweep is resumed by running it again; a failed point is reported (and recorded w
 error in ``sweep.json``, which the table shows) and the sweep goes on. The ``inprocess``
 runner drives the real ServerApp loop on :class:`~simulations.inprocess_grid.InProcessGrid`
 (no Ray, deterministic); the ``flwr`` runner runs ``python -m simulations.launcher`` per point
-(``flwr run .`` under the one supervisor, as ``scripts/flwr_run.sh`` does). Exit status: 0
-all done, 1 some failed, 2 invalid, 130 interrupted.
+(``flwr run .`` under the one supervisor, as ``scripts/flwr_run.sh`` does). Ctrl-C, SIGTERM
+and SIGHUP stop it alike: the running points end ``interrupted``, ``sweep.json`` and
+``table.csv`` say so (:mod:`simulations.stopping`; [sweeps](../docs/sweeps.md)). Exit status: 0 all
+done, 1 some failed, 2 invalid, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import itertools
 import os
 import re
 import subprocess
@@ -38,7 +39,15 @@ from adc_flwr.config import RunConfig
 from adc_flwr.run.files import RunDirError, atomic_write_json
 from adc_flwr.run.resume import FINISHED, RESUME, run_state
 from adc_flwr.run.run_dir import RunDir
-from simulations.collect import SWEEP_FILE, sweep_results
+from simulations.collect import (
+    SWEEP_FILE,
+    TABLE_FILE,
+    TableError,
+    collect,
+    markdown_pivot,
+    report_damaged,
+    sweep_results,
+)
 from simulations.experiments import (
     RESERVED_KEYS,
     Experiment,
@@ -48,8 +57,10 @@ from simulations.experiments import (
     select,
     validate_points,
 )
-from simulations.parallel import ray_results
+from simulations.parallel import check_resources, ray_results
 from simulations.preflight import format_pairs
+from simulations.ray_address import RayAddressError, check_ray_address
+from simulations.stopping import stop_signals, stopped_by
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ("inprocess", "flwr")
@@ -159,7 +170,10 @@ def run_sweep(
     ``sweep.json`` records each point's status and error as the sweep goes, so a table
     shows why a point has no results. ``point_timeout`` (seconds, ``flwr`` runner) stops a
     point that runs longer. ``bar_file``: where to draw a progress bar (tqdm: the point
-    running, points done / failed / skipped, an ETA); lines then go through the bar.
+    running, points done / failed / skipped, an ETA); lines then go through the bar. Where
+    Ray runs (``workers`` > 1, the ``flwr`` runner) ``RAY_ADDRESS`` is checked first
+    (:mod:`simulations.ray_address`); a KeyboardInterrupt (:mod:`simulations.stopping`)
+    records the points in flight before it goes on up.
     """
     if runner not in RUNNERS:
         raise ExperimentError(f"runner {runner!r}: choose one of {RUNNERS}")
@@ -174,9 +188,18 @@ def run_sweep(
             state = _state(point.config(out_dir))
             swept = " ".join(f"{k}={v}" for k, v in point.swept.items())
             progress(f"[{i:>{len(str(n))}}/{n}] {point.name:<24} {state:<9} {swept}")
+    address = None
+    if not dry_run and (workers > 1 or runner == "flwr"):  # Ray: the sweep's, or each point's
+        try:
+            address = check_ray_address()
+        except RayAddressError as exc:
+            raise ExperimentError(str(exc)) from None
+        if workers > 1 and address is None:  # this machine, known before Ray starts
+            check_resources([(os.cpu_count() or 1, point_gpus)], point_cpus or 1.0, point_gpus)
     validate_points(experiment, points, nodes)  # after the listing: a dry run shows both
     if dry_run:
         return []
+    since = time.time_ns()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         recorded = sweep_results(out_dir)
@@ -211,9 +234,10 @@ def run_sweep(
         for _, result in finished:
             show(result.point)
         done = {result.point.name for _, result in finished}
-        outcomes = itertools.chain(
-            finished,
-            ray_results(
+
+        def in_parallel() -> Iterator[tuple[int, PointResult]]:
+            yield from finished
+            yield from ray_results(
                 [(i, p) for i, p in enumerate(points, 1) if p.name not in done],
                 _run_point,
                 lambda point: (point, out_dir.resolve(), runner, nodes, _quiet, point_timeout),
@@ -222,8 +246,10 @@ def run_sweep(
                 point_gpus=point_gpus,
                 lost=lambda point, exc: PointResult(point, "failed", error=plain(str(exc))),
                 started=show,
-            ),
-        )
+                address=address,
+            )
+
+        outcomes = in_parallel()
     else:
 
         def one_by_one() -> Iterator[tuple[int, PointResult]]:
@@ -234,24 +260,51 @@ def run_sweep(
 
         outcomes = one_by_one()
     with bar:
-        for i, result in outcomes:
-            running.remove(result.point.name)
-            results.append(result)
-            counts[result.status if result.status in ("completed", "skipped") else "failed"] += 1
-            if result.status != "skipped":
-                record["results"][result.point.name] = {
-                    "status": result.status,
-                    "error": result.error,
-                }
-                atomic_write_json(out_dir / SWEEP_FILE, record)
-            progress(_point_line(i, n, result))
-            bar.update()
+        try:
+            for i, result in outcomes:
+                running.remove(result.point.name)
+                results.append(result)
+                counted = result.status if result.status in ("completed", "skipped") else "failed"
+                counts[counted] += 1
+                if result.status != "skipped":
+                    record["results"][result.point.name] = {
+                        "status": result.status,
+                        "error": result.error,
+                    }
+                    atomic_write_json(out_dir / SWEEP_FILE, record)
+                progress(_point_line(i, n, result))
+                bar.update()
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the points in flight
+            # a signal between two results: stop the points (and Ray) before reading them
+            outcomes.close()
+            stopped = [p for p in points if p.name in running]
+            _record_stopped(record, out_dir, stopped, since, exc, progress)
+            raise
     failed = [r for r in results if r.status not in ("completed", "skipped")]
     done, skipped = counts["completed"], counts["skipped"]
     progress(f"{experiment.name}: {done} ran, {skipped} skipped, {len(failed)} failed")
     for r in failed:
         progress(f"  failed {r.point.name}: {r.error}")
     return results
+
+
+def _record_stopped(
+    record: dict[str, Any],
+    out_dir: Path,
+    points: Sequence[Point],
+    since_ns: int,
+    exc: KeyboardInterrupt,
+    progress: Callable[[str], None],
+) -> None:
+    """The points a stop signal caught running, in ``sweep.json``: the status their run's
+    summary gives (``interrupted``), or ``interrupted`` when the run wrote none."""
+    why = f"the sweep was stopped ({stopped_by(exc)})"
+    for point in points:
+        summary = _fresh_summary(RunDir(point.config(out_dir).run_dir), since_ns)
+        status = summary.get("status", "interrupted")
+        record["results"][point.name] = {"status": status, "error": summary.get("error") or why}
+        progress(f"{point.name}: {status} ({why})")
+    atomic_write_json(out_dir / SWEEP_FILE, record)
 
 
 @contextlib.contextmanager
@@ -376,8 +429,7 @@ def _point_line(i: int, n: int, result: PointResult) -> str:
 # ---- command line ---------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 all points done, 1 some failed, 2 the experiment is invalid."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.sweep",
         description="Sweep a named experiment (simulations/experiments/*.toml).",
@@ -415,6 +467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="CPUs per point, as torch threads (default: 1 with --workers, else torch's own)",
     )
     parser.add_argument("--point-gpus", type=float, default=0.0, help="GPUs per point (fraction)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 all points done, 1 some failed, 2 the experiment is invalid, 130
+    stopped by Ctrl-C, SIGTERM or SIGHUP (the table is still written)."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
@@ -424,38 +483,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--nodes must be >= 1")
     if args.point_timeout < 0 or (args.point_timeout and args.runner != "flwr"):
         parser.error("--point-timeout takes seconds >= 0 and needs --runner flwr")
-    try:
-        # the full checks run on the selected points only (in run_sweep)
-        experiment = load_experiment(args.experiment, check_points=False)
-        results = run_sweep(
-            experiment,
-            results_root=args.results_root,
-            runner=args.runner,
-            only=args.only,
-            nodes=args.nodes,
-            dry_run=args.dry_run,
-            verbose=args.verbose,
-            point_timeout=args.point_timeout,
-            workers=args.workers,
-            point_cpus=args.point_cpus,
-            point_gpus=args.point_gpus,
-            bar_file=None if args.dry_run else sys.stderr,
-        )
-    except ExperimentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sweep interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    experiment: Experiment | None = None
+    with stop_signals():
+        try:
+            # the full checks run on the selected points only (in run_sweep)
+            experiment = load_experiment(args.experiment, check_points=False)
+            results = run_sweep(
+                experiment,
+                results_root=args.results_root,
+                runner=args.runner,
+                only=args.only,
+                nodes=args.nodes,
+                dry_run=args.dry_run,
+                verbose=args.verbose,
+                point_timeout=args.point_timeout,
+                workers=args.workers,
+                point_cpus=args.point_cpus,
+                point_gpus=args.point_gpus,
+                bar_file=None if args.dry_run else sys.stderr,
+            )
+            intact = args.dry_run or _print_table(experiment.out_dir(args.results_root, args.nodes))
+        except ExperimentError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # stop signals are ignored from here on
+            print(
+                f"sweep interrupted ({stopped_by(exc)}); run the same command again to resume",
+                file=sys.stderr,
+            )
+            if experiment is not None and not args.dry_run:
+                _print_table(experiment.out_dir(args.results_root, args.nodes))
+            return 130
     if args.dry_run:
         return 0
-    from simulations.collect import TABLE_FILE, collect, markdown_pivot
+    return 1 if not intact or any(r.status not in ("completed", "skipped") for r in results) else 0
 
-    out_dir = experiment.out_dir(args.results_root, args.nodes)
-    table = collect(out_dir)
+
+def _print_table(out_dir: Path) -> bool:
+    """Collect ``out_dir`` into its ``table.csv`` and print the pivot (nothing when the
+    sweep wrote nothing there yet); False when a point's files are damaged (one ``error:``
+    line each, [sweeps](../docs/sweeps.md)) or the tables could not be written."""
+    if not out_dir.is_dir():
+        return True
+    try:
+        table = collect(out_dir)
+    except FileNotFoundError:
+        return True
+    except (RunDirError, TableError) as exc:  # a damaged sweep.json, a full disk
+        print(f"error: {exc}", file=sys.stderr)
+        return False
     print(f"\n{len(table)} runs in {out_dir / TABLE_FILE}\n")
     print(markdown_pivot(table))
-    return 1 if any(r.status not in ("completed", "skipped") for r in results) else 0
+    return not report_damaged(table)
 
 
 if __name__ == "__main__":

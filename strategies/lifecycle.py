@@ -28,11 +28,19 @@ from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import build_model, split_vit
 from adc_flwr.privacy.audit import PrivacyAudit, aux_split, privacy_summary
 from adc_flwr.run.files import RunDirError
+from adc_flwr.run.inputs import check_inputs, write_inputs
 from adc_flwr.run.lock import TOKEN_ENV, RunLock
-from adc_flwr.run.resume import FINISHED, NEW, RESUME, resumable_checkpoint, run_state
+from adc_flwr.run.resume import (
+    FINISHED,
+    NEW,
+    RESUME,
+    check_ours,
+    resumable_checkpoint,
+    run_state,
+)
 from adc_flwr.run.run_dir import RunDir
 from adc_flwr.run.summary import run_energy, run_summary
-from adc_flwr.run.validation import check_out_root, validate_run
+from adc_flwr.run.validation import check_in_root, check_out_root, validate_run
 from adc_flwr.training.device import resolve_device
 from adc_flwr.training.modules import (
     client_modules,
@@ -109,15 +117,17 @@ def run_training(
 
     One writer per run directory: one another process holds is refused (:class:`RunLock`),
     unless it is the launcher that started this process. A directory holding another run is
-    refused (:func:`run_state`), a damaged one too (:func:`resumable_checkpoint`), all before
-    anything is written; a finished run is not redone; then the config is validated
-    (:func:`validate_run`). A failure, at start-up or
-    later, writes a ``failed`` summary, Ctrl-C an ``interrupted`` one (both resumable), then
-    re-raises.
+    refused (:func:`run_state`), a damaged one too (:func:`resumable_checkpoint`), and a
+    resume whose inputs changed (:func:`check_inputs`), all before anything is written; a
+    finished run is not redone; then the config is validated (:func:`validate_run`) and a new
+    run's inputs recorded (:func:`write_inputs`). A failure, at start-up or later, writes a
+    ``failed`` summary, Ctrl-C an ``interrupted`` one (both resumable), then re-raises.
     """
     check_out_root(cfg)  # before anything is made there
+    check_in_root(cfg)  # before anything is read
     check_runtime(grid, cfg)
     run_dir = RunDir(cfg.run_dir)
+    check_ours(run_dir)  # someone else's folder: refused before a lock file is made there
     lock = RunLock(run_dir.path)
     launcher = os.environ.get(TOKEN_ENV, "")  # the token of the launcher that started us
     holder = lock.held_elsewhere()
@@ -150,8 +160,11 @@ def _run_locked(
 ) -> dict[str, Any]:
     state = run_state(run_dir, cfg.to_run_config())
     if state == FINISHED:
+        check_inputs(run_dir, cfg, finished=True)  # a warning at most: nothing is redone
         progress(f"{run_dir.path} already finished; move it away or pick another run-name")
         return run_dir.read_summary() or {}
+    if state == RESUME:
+        check_inputs(run_dir, cfg)  # an input changed since the run started: refused
     checkpoint = resumable_checkpoint(run_dir) if state == RESUME else None
     if state == NEW:
         run_dir.summary_path.unlink(missing_ok=True)  # a start-up failure's, if any
@@ -160,6 +173,8 @@ def _run_locked(
     started = time.perf_counter()
     try:
         validate_run(cfg.to_run_config())  # a start-up failure leaves a failed summary
+        if state == NEW:
+            write_inputs(run_dir, cfg)  # what it reads, for a resume to compare
         strategy, _ = build_strategy(cfg, run_dir=run_dir, progress=progress)
         dropped = run_dir.truncate_metrics_after(int(checkpoint["round"]) if checkpoint else 0)
         if checkpoint is not None:

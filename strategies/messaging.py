@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from adc_flwr.run.summary import ERROR, TIMEOUT
-from strategies.outcomes import Failure, RoundOutcome, describe_failures
+from strategies.outcomes import Failure, RoundOutcome, describe_failures, readable_reason
 
 POLL_INTERVAL_S = 0.005  # how often to pull replies (cheap, in memory); the engine ticks 0.1 s
 
@@ -78,7 +78,7 @@ class Messenger:
                 pending.discard(message_id)
                 node = node_of[message_id]
                 if reply.has_error():
-                    result.failures[node] = Failure(ERROR, reply.error.reason)
+                    result.failures[node] = Failure(ERROR, readable_reason(reply.error.reason))
                 else:
                     result.replies[node] = reply
             if not pending or time.monotonic() > deadline:

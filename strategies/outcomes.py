@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,9 @@ FED_EVAL_KEYS = ("fed_accuracy_mean", "fed_accuracy_p10", "fed_accuracy_min")
 
 
 MAX_LISTED = 8  # partition ids listed per failure group before "and N more"
+FATE_CHARS = 200  # of a multi-line error's later lines kept in its one line
+FLOWER_REASON = re.compile(r"<class '([^']+)'>:<'(.*)'>", re.DOTALL)  # vce_api's worker
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its tracebacks
 
 
 @dataclass
@@ -101,6 +105,46 @@ class RoundOutcome:
             f"client(s) finished, fewer than the {need} required by min-clients="
             f"{min_clients}{budget}. " + describe_failures(self.failures)
         )
+
+
+def readable_reason(reason: str) -> str:
+    """An error reply's reason as one line (docs/outcomes.md#what-a-runs-status-says).
+
+    Flower's engine sends ``<class 'ray.exceptions.ActorDiedError'>:<'message'>``, and Ray's
+    messages run to many lines: this keeps the class name, the message's first line, the
+    ``class_name`` and ``pid`` fields Ray indents under it, and its other lines (the actor's
+    fate) up to :data:`FATE_CHARS`; a traceback is told by its last line. A one-line reason
+    is kept as it is.
+    """
+    wrapped = FLOWER_REASON.fullmatch(reason.strip())
+    name, message = (wrapped[1].rsplit(".", 1)[-1], wrapped[2]) if wrapped else ("", reason)
+    fields, lines = {}, []
+    for line in ANSI_ESCAPE.sub("", message).splitlines():
+        key, sep, value = line.strip().partition(": ")
+        if line.startswith("\t") and sep and key.isidentifier():
+            fields[key] = value
+        elif line.strip():
+            lines.append(line.strip())
+    if any(line.startswith(("Traceback ", 'File "')) for line in lines):
+        lines = lines[-1:]
+    parts = [f"{name}:" if name and lines else name, *lines[:1]]
+    if "class_name" in fields:
+        pid = f" (pid {fields['pid']})" if "pid" in fields else ""
+        parts.append(f"{fields['class_name']}{pid}" + (":" if lines[1:] else ""))
+    parts.append(_clip(" ".join(lines[1:]), FATE_CHARS))
+    return " ".join(part for part in parts if part) or reason.strip()
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text``'s first sentences, up to ``limit`` characters; " ..." when some were cut."""
+    if len(text) <= limit:
+        return text
+    kept = ""
+    for sentence in re.split(r"(?<=\.)\s+", text):
+        if len(kept) + len(sentence) + 1 > limit:
+            break
+        kept = f"{kept} {sentence}".strip()
+    return f"{kept or text[:limit]} ..."
 
 
 def describe_failures(failures: dict[int, Failure]) -> str:

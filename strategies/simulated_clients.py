@@ -8,9 +8,9 @@ the deadline, or not among the first to answer when over-selected). Clients cut 
 are sent ``train.stop`` at the round's end so that their nodes forget the round.
 
 It also chooses each client's ξ when ``adaptive-compression`` is on, builds the rows of
-``clients.csv``, and with pooled clients (``num-partitions``) holds what each client keeps
-between rounds (its optimiser moments with ``client-optimizer = keep``), since the node that
-runs a client this round may run another the next.
+``clients.csv``, and holds what each client keeps between rounds (its optimiser moments with
+``client-optimizer = keep``): for pooled clients (``num-partitions``), since the node that
+runs a client this round may run another the next, and for every client in the checkpoint.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class SimulatedClients:
         self.steps: dict[int, int] = {}  # steps each client took this round
         self.to_stop: set[int] = set()  # cut this round; their nodes still hold round state
         self.batch_clamped: dict[str, int] = {}  # partitions smaller than a batch (setup)
-        self.moments: dict[int, ArrayRecord] = {}  # pooled clients' optimiser moments (keep)
+        self.moments: dict[int, ArrayRecord] = {}  # clients' optimiser moments (keep)
 
     # ---- population ---------------------------------------------------------------------
 
@@ -112,8 +112,9 @@ class SimulatedClients:
         return online
 
     def remember(self, partition: int, reply: Message) -> None:
-        """Keep the moments a pooled client handed back (its last step, or ``train.stop``):
-        they stand for its device's memory, and go back with its next ``train.start``."""
+        """Keep the moments a client handed back (its last step, or ``train.stop``): they
+        stand for its device's memory, go back with a pooled client's next ``train.start``
+        (a node's own client keeps a copy) and into the checkpoint."""
         if "optim" in reply.content:
             self.moments[partition] = reply.content["optim"]
 

@@ -36,7 +36,7 @@ from adc_flwr.run.summary import STRAGGLER, UNAVAILABLE
 from adc_flwr.training.modules import load_modules_state, modules_state
 from adc_flwr.training.workers import ServerWorker
 from adc_flwr.wire.accounting import TrafficLedger
-from adc_flwr.wire.codec import record_to_state
+from adc_flwr.wire.codec import record_to_state, state_to_record
 from adc_flwr.wire.sizes import uncompressed_act_nbytes
 from strategies.evaluation import Evaluator
 from strategies.messaging import Post, fronts, relayed
@@ -338,8 +338,13 @@ class SplitLearningStrategy(Strategy):
             }
         )
         records = {"front": arrays, "config": config}
-        if partition in self.clients.moments:  # a pooled client's own (client-optimizer keep)
-            records["optim"] = self.clients.moments[partition]
+        # its own moments (client-optimizer keep): a pooled client's are held only here; a
+        # node's own client has a copy, unless its node never trained in this process (resumed)
+        held = self.clients.moments.get(partition)
+        if held is not None and (
+            self.cfg.pooled or self.post.nodes[partition] not in self.engine.warm
+        ):
+            records["optim"] = held
         return self.post.message(partition, "train.start", server_round, **records)
 
     # ---- evaluation ---------------------------------------------------------------------
@@ -396,9 +401,8 @@ class SplitLearningStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the server needs to continue after :attr:`last_round` as if never
-        stopped (client optimizer moments, in the nodes' ``context.state`` or held for pooled
-        clients, are not in it and restart on resume). Tensors and plain containers only:
-        ``torch.load(weights_only=True)``."""
+        stopped, the clients' optimiser moments (``client-optimizer = keep``) included.
+        Tensors and plain containers only: ``torch.load(weights_only=True)``."""
         decoder = self.server.compressor.server_module()
         channel = self.server.channel
         return {
@@ -418,6 +422,7 @@ class SplitLearningStrategy(Strategy):
             "wall_time_s": self.elapsed(),
             "sim_time_s": self.clients.clock.now,
             "stop_reason": self.stop_reason,
+            "client_moments": {p: record_to_state(m) for p, m in self.clients.moments.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -442,3 +447,6 @@ class SplitLearningStrategy(Strategy):
         self.recorder.wall_offset = float(state["wall_time_s"])
         self.clients.clock.now = float(state["sim_time_s"])
         self.stop_reason = str(state["stop_reason"])
+        # absent from older checkpoints: the moments then restart, as they did
+        moments = state.get("client_moments", {})
+        self.clients.moments = {int(p): state_to_record(m) for p, m in moments.items()}

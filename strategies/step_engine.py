@@ -75,7 +75,7 @@ class StepEngine:
     probe: Callable[[int, dict[int, Message], RoundOutcome], None]
     global_step: int = 0
     batches_done: dict[int, int] = field(default_factory=dict)  # partition -> batches consumed
-    started: set[int] = field(default_factory=set)  # partitions started in this process (warm)
+    warm: set[int] = field(default_factory=set)  # nodes that answered a train.start (ids)
     timeout: float = field(init=False)  # seconds to wait for one exchange's replies
     _compressors: dict[float, Compressor] = field(init=False)
 
@@ -102,12 +102,14 @@ class StepEngine:
         sync = {p: Traffic.of_model_sync(start.content["front"]) for p, start in starts.items()}
         for partition in partitions:  # the front went on the wire, answered or not
             self.ledger.add(server_round, partition, sync[partition])
-        # a client's first message in this process loads its data and builds the model
-        cold = not self.started.issuperset(partitions)
+        # a node's first train.start imports torch, loads data and builds the model: judged
+        # per node, since a pooled partition may run on a node that never trained before
+        nodes = {p: self.post.nodes[p] for p in partitions}
+        cold = not self.warm.issuperset(nodes.values())
         timeout = max(self.timeout, self.cfg.start_timeout) if cold else self.timeout
-        self.started.update(partitions)
         active: dict[int, ClientRound] = {}
         replies = self.post.exchange(starts, timeout, outcome)
+        self.warm.update(nodes[p] for p in replies)
         for partition, reply in replies.items():
             metrics = reply.content["metrics"]
             steps = self.cfg.local_steps or int(metrics["steps-per-epoch"])

@@ -31,7 +31,8 @@ def load_hf_style(
     - image column: the first ``Image`` feature, else a column named ``img``/``image``
       (a numeric array column works too; it is read whole, not lazily).
     - label column: ``label``/``labels``/``fine_label`` if present (ClassLabel or not), else
-      the first ``ClassLabel``. Plain int labels give classes ``0..max``; strings are sorted.
+      the first ``ClassLabel``. Plain int labels give classes ``0..max`` when those ids are
+      mostly used (docs/configuration.md#classes); strings are sorted.
     - colour and size: one mode and square side for all splits, from the image headers
       (see :func:`~adc_flwr.data.images.plan_decoding`).
     - splits: ``test`` if present, else a fixed stratified 20 % carved from train; train is
@@ -85,6 +86,8 @@ def load_hf_style(
         raise DataError(f"Could not load {what}: {type(exc).__name__}: {exc}. {hint}") from exc
     if not isinstance(dsd, datasets.DatasetDict) or len(dsd) == 0:
         raise DataError(f"{what} gave no splits.")
+    if kind == "imagefolder":
+        _check_class_folders(path, next(iter(dsd.values())).features)
     with _quiet_datasets():
         return _from_dataset_dict(dsd, what)
 
@@ -146,6 +149,28 @@ def _report_skipped_files(folder: Path) -> None:
             f"{listed}",
             SkippedFilesWarning,
             stacklevel=2,
+        )
+
+
+def _check_class_folders(folder: Path, features: Any) -> None:
+    """An image folder whose images all lie in one folder gets no label column from
+    ``datasets`` (it labels by folder only when there are two or more): say so, naming it,
+    instead of "Cannot find the label column"."""
+    import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+    if any(n in features for n in _LABEL_NAMES) or any(
+        isinstance(f, datasets.ClassLabel) for f in features.values()
+    ):
+        return
+    known = {ext.lower() for ext in IMAGE_EXTENSIONS}
+    classes = {f.parent for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in known}
+    if len({c.name for c in classes}) == 1:
+        where = ", ".join(sorted(str(c) for c in classes))
+        raise DataError(
+            f"dataset='imagefolder:{folder}': its images are all of one class (folder {where}): "
+            "a classifier needs at least 2; give each class a folder of its own "
+            "(<class>/<image>, optionally under train/ and test/)"
         )
 
 
@@ -229,8 +254,8 @@ def _encode_labels(
     else:
         values = [v for r in raw_labels for v in r]
         if all(_is_integral(v) for v in values):
-            encoded = [np.asarray([int(v) for v in r], dtype=np.int64) for r in raw_labels]
-            names = [str(i) for i in range(_max_label(encoded) + 1)]
+            encoded = _int_labels(raw_labels, column, what)
+            names = [str(i) for i in range(_dense_classes(encoded, column, what))]
         elif all(isinstance(v, str) for v in values):
             names = sorted(set(values))
             lookup = {n: i for i, n in enumerate(names)}
@@ -255,6 +280,11 @@ def _encode_labels(
                 f"split {part}, outside the {len(names)} classes 0..{len(names) - 1} "
                 "(negative: unlabelled rows?)"
             )
+    if len(names) < 2:
+        raise DataError(
+            f"{what}: column {column!r} gives {len(names)} class(es) {names}: a classifier "
+            "needs at least 2"
+        )
     return names, encoded
 
 
@@ -267,8 +297,46 @@ def _is_integral(value: Any) -> bool:
     return isinstance(value, (float, np.floating)) and float(value).is_integer()
 
 
-def _max_label(encoded: list[np.ndarray]) -> int:
-    return max((int(e.max()) for e in encoded if e.size), default=-1)
+# At most this share of the ids 0..max of plain integer labels may be missing from the data
+# (and at least one): a sample may miss the odd class, but ids that leave more empty are codes,
+# not class ids, and each empty one would be an output the model is trained never to predict.
+MAX_EMPTY_CLASS_SHARE = 0.1
+
+
+def _int_labels(raw_labels: list[list[Any]], column: str, what: str) -> list[np.ndarray]:
+    """Integral labels as int64 arrays; one past int64 is a :class:`DataError` naming it."""
+    encoded = []
+    for part, values in enumerate(raw_labels):
+        ints = [int(v) for v in values]
+        try:
+            encoded.append(np.asarray(ints, dtype=np.int64))
+        except OverflowError:
+            row = next(i for i, v in enumerate(ints) if not -(2**63) <= v < 2**63)
+            raise DataError(
+                f"{what}: column {column!r} holds label {values[row]!r} in row {row} of split "
+                f"{part}, past 64-bit integers: labels are class ids 0..K-1"
+            ) from None
+    return encoded
+
+
+def _dense_classes(encoded: list[np.ndarray], column: str, what: str) -> int:
+    """The class count of plain integer labels: ``max + 1``, once the ids 0..max are known
+    to be mostly used (:data:`MAX_EMPTY_CLASS_SHARE`); else a :class:`DataError` naming the
+    column and the largest label, before anything of that size is made."""
+    top = max((int(e.max()) for e in encoded if e.size), default=-1)
+    used = np.unique(np.concatenate(encoded))
+    empty = top + 1 - int((used >= 0).sum())
+    allowed = max(1, int(MAX_EMPTY_CLASS_SHARE * (top + 1)))
+    if empty > allowed:
+        part = next(p for p, e in enumerate(encoded) if e.size and int(e.max()) == top)
+        row = int(np.argmax(encoded[part]))
+        raise DataError(
+            f"{what}: column {column!r} holds label {top} in row {row} of split {part}, so its "
+            f"integer labels would make {top + 1} classes 0..{top} of which {empty} hold no "
+            f"sample (at most {allowed} may: a tenth, at least 1): labels are class ids 0..K-1; "
+            "renumber them, or store the column as a ClassLabel (or as strings: class names)"
+        )
+    return top + 1
 
 
 def _column(ds: Any, name: str) -> list[Any]:

@@ -45,9 +45,11 @@ from typing import TypeVar
 import numpy as np
 
 from adc_flwr.population.energy import RADIOS, REFERENCE_J_PER_GFLOP, REFERENCE_RADIO
+from adc_flwr.population.links import QUOTE_CHARS, quote
 from adc_flwr.population.profile_csv import write_profiles
 from adc_flwr.population.profiles import ClientProfile, ProfileError
 from adc_flwr.run.files import RunDirError
+from adc_flwr.run.input_root import InputPathError, check_input
 
 # FLASH state -> (flag, value); ready = locked and charging and wifi (models/timer.py)
 _FLAGS: dict[str, tuple[str, bool]] = {
@@ -62,6 +64,12 @@ K = TypeVar("K", bound=Hashable)
 _STAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 
 
+def _cut(value: object, limit: int = QUOTE_CHARS) -> str:
+    """A key or value of a trace file for an error: at most ``limit`` characters of it."""
+    text = str(value)
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
 class _Refused(pickle.UnpicklingError):
     """The pickle names a global (a class or function): loading it could run code."""
 
@@ -73,21 +81,23 @@ class _PlainUnpickler(pickle.Unpickler):
         dotted = f"{module}.{name}"
         if not all(part.isidentifier() for part in dotted.split(".")):
             # text starting with "c" reads as the GLOBAL opcode: a foreign file, not a threat
-            raise pickle.UnpicklingError(f"no global is named {dotted!r}")
-        raise _Refused(dotted)
+            raise pickle.UnpicklingError(f"no global is named {quote(dotted)}")
+        raise _Refused(_cut(dotted))
 
 
 def load_fedscale_capacity(path: str | Path) -> dict[int, tuple[float, float]]:
     """{client id: (inference ms per sample, kbit/s)} from FedScale's pickled capacity dict."""
     where = f"FedScale capacity {path}"
     try:
-        with open(path, "rb") as file:
+        with open(check_input(path), "rb") as file:
             data = _PlainUnpickler(file).load()
     except _Refused as exc:
         raise ProfileError(
             f"{where}: names the global {exc}; refused, since loading a class or function "
             "could run code and a capacity trace holds only dicts and numbers"
         ) from None
+    except InputPathError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
     except OSError as exc:
         raise ProfileError(f"{where}: cannot be read ({exc})") from exc
     except Exception as exc:  # a corrupt or foreign file fails in many ways
@@ -99,7 +109,7 @@ def load_fedscale_capacity(path: str | Path) -> dict[int, tuple[float, float]]:
     capacity: dict[int, tuple[float, float]] = {}
     for cid, entry in data.items():
         if not isinstance(cid, int) or isinstance(cid, bool):
-            raise ProfileError(f"{where}: client id {cid!r} is not an int")
+            raise ProfileError(f"{where}: client id {_cut(repr(cid))} is not an int")
         if not isinstance(entry, dict):
             raise ProfileError(f"{where}, client {cid}: {type(entry).__name__}, not a dict")
         numbers = []
@@ -110,7 +120,8 @@ def load_fedscale_capacity(path: str | Path) -> dict[int, tuple[float, float]]:
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):
                 raise ProfileError(
-                    f"{where}, client {cid}: {key} = {value!r} must be a finite number > 0"
+                    f"{where}, client {cid}: {key} = {_cut(repr(value))} must be a finite "
+                    "number > 0"
                 )
             numbers.append(float(value))
         capacity[cid] = (numbers[0], numbers[1])
@@ -125,14 +136,14 @@ def fedscale_gflops(computation_ms: float, reference_gflop: float) -> float:
 
 def _events(where: str, uid: str, record: object) -> list[tuple[datetime, str]]:
     if not isinstance(record, dict):
-        raise ProfileError(f"{where}, uid {uid}: the record is not a JSON object")
+        raise ProfileError(f"{where}, uid {_cut(uid)}: the record is not a JSON object")
     if "messages" not in record:
-        raise ProfileError(f"{where}, uid {uid}: the record has no 'messages'")
+        raise ProfileError(f"{where}, uid {_cut(uid)}: the record has no 'messages'")
     messages = record["messages"]
     if isinstance(messages, str):
         messages = messages.split("\n")
     if not isinstance(messages, list):
-        raise ProfileError(f"{where}, uid {uid}: 'messages' is neither a string nor a list")
+        raise ProfileError(f"{where}, uid {_cut(uid)}: 'messages' is neither a string nor a list")
     events = []
     for i, line in enumerate(messages, start=1):
         if isinstance(line, str) and not line.strip():
@@ -140,13 +151,13 @@ def _events(where: str, uid: str, record: object) -> list[tuple[datetime, str]]:
         parts = line.strip().split("\t") if isinstance(line, str) else []
         if len(parts) != 2 or not _STAMP.fullmatch(parts[0].strip()) or not parts[1].strip():
             raise ProfileError(
-                f"{where}, uid {uid}, message {i}: {line!r:.80} is not "
+                f"{where}, uid {_cut(uid)}, message {i}: {quote(line)} is not "
                 "'YYYY-mm-dd HH:MM:SS<TAB>state'"
             )
         try:
             stamp = datetime.fromisoformat(parts[0].strip())
         except ValueError as exc:
-            raise ProfileError(f"{where}, uid {uid}, message {i}: {exc}") from None
+            raise ProfileError(f"{where}, uid {_cut(uid)}, message {i}: {exc}") from None
         events.append((stamp, parts[1].strip().lower()))
     return events
 
@@ -182,7 +193,9 @@ def load_flash_availability(path: str | Path) -> tuple[dict[str, float], list[st
     """({uid: availability}, uids skipped for a trace of zero span) from FLASH's state traces."""
     where = f"FLASH states {path}"
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(check_input(path).read_text(encoding="utf-8"))
+    except InputPathError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
     except OSError as exc:
         raise ProfileError(f"{where}: cannot be read ({exc})") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

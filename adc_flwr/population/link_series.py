@@ -30,7 +30,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from adc_flwr.population.links import PACKET_BYTES, LinkTrace, TraceError
+from adc_flwr.population.links import PACKET_BYTES, LinkTrace, TraceError, check_physical
 from adc_flwr.run.files import RunDirError, atomic_write_bytes
 
 ATT_LTE_UPLINK_SPREAD = 3.8 / 1.57  # p90 / p50 of per-second uplink throughput
@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             series, interval = read_series(args.series)
             times = to_mahimahi(series, interval)
+        check_physical(times, f"the trace for {args.out}")  # what a run would refuse
         write_mahimahi(args.out, times)
     except (ValueError, OSError, RunDirError) as exc:
         print(f"link_series: {exc}", file=sys.stderr)

@@ -18,18 +18,38 @@ import gzip
 import math
 import zlib
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import IO
+
+from adc_flwr.run.input_root import InputPathError, check_input
 
 PACKET_BYTES = 1500  # mahimahi's PACKET_SIZE: the bytes one delivery opportunity carries
 # reading a trace: more lines than any recorded trace we know of (the longest mahimahi trace,
 # Verizon-LTE-driving, has about 1.5 million)
 MAX_OPPORTUNITIES = 50_000_000
+# a line holds one timestamp: 50 million gaps of MAX_GAP_MS stay under 15 digits
+MAX_LINE_CHARS = 64
+# physical ranges (docs/population.md): the mean as a constant link's range (profiles.RULES);
+# the longest time without a delivery opportunity above the longest outage in mahimahi's
+# recordings (78.3 s, ATT-LTE-driving.up) and below Linux's ~924.6 s after which TCP gives up
+# on a connection that gets no ACK (tcp_retries2 = 15): a longer silence is no link
+MAX_MEAN_MBPS = 1e5
+MAX_GAP_MS = 900_000
+QUOTE_CHARS = 24  # an error quotes at most this much of a file's text: the offending token
 
 
 class TraceError(ValueError):
     """A link trace is not what mahimahi reads; the message names the file and line."""
+
+
+def quote(text: object, limit: int = QUOTE_CHARS) -> str:
+    """The offending token of a file's text for an error, as a repr: at most ``limit``
+    characters (a foreign file's content is never echoed beyond that)."""
+    token = str(text).strip()
+    return repr(token[:limit]) + ("..." if len(token) > limit else "")
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,43 +99,106 @@ class LinkTrace:
 
 def read_link_trace(path: str | Path) -> LinkTrace:
     """A mahimahi trace file, gzipped when its name ends in ``.gz`` (cached per file and
-    modification time: rows share traces)."""
+    modification time: rows share traces). Under ``ADC_IN_ROOT`` only (input_root.py)."""
     try:
-        resolved = Path(path).resolve()
+        resolved = check_input(path)
         stat = resolved.stat()
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+    except InputPathError as exc:
+        raise TraceError(f"link trace {path}: {exc}") from None
+    except OSError as exc:
         raise TraceError(f"link trace {path}: cannot be read ({exc})") from exc
     if not resolved.is_file():
         raise TraceError(f"link trace {path}: is not a regular file")
     return _read(str(resolved), stat.st_mtime_ns, stat.st_size)
 
 
+def gap_problem(ms: int, previous: int) -> str | None:
+    """Why an opportunity at ``ms`` after one at ``previous`` is no physical link, or None."""
+    if ms < previous:
+        return f"{ms} ms comes after {previous} ms; timestamps must not decrease"
+    if ms - previous > MAX_GAP_MS:
+        return (
+            f"{ms - previous} ms without a delivery opportunity (after {previous} ms); the "
+            f"longest gap a link may have is {MAX_GAP_MS} ms (docs/population.md)"
+        )
+    return None
+
+
+def mean_problem(opportunities: int, period_ms: int) -> str | None:
+    """Why a trace of ``opportunities`` per ``period_ms`` is no physical link, or None."""
+    mean = opportunities * PACKET_BYTES * 8 / (period_ms / 1000) / 1e6
+    if mean > MAX_MEAN_MBPS:
+        return (
+            f"{opportunities} opportunities in {period_ms} ms are {mean:.6g} Mbit/s; a link's "
+            f"mean must be in (0, {MAX_MEAN_MBPS:.0f}] Mbit/s (docs/population.md)"
+        )
+    return None
+
+
+def check_physical(times: list[int], where: str) -> None:
+    """:class:`TraceError` naming the opportunity (from 1) when ``times`` is no physical link."""
+    previous = 0
+    for index, ms in enumerate(times, start=1):
+        if problem := gap_problem(ms, previous):
+            raise TraceError(f"{where}, opportunity {index}: {problem}")
+        previous = ms
+    if times and times[-1] > 0 and (problem := mean_problem(len(times), times[-1])):
+        raise TraceError(f"{where}: {problem}")
+
+
+def _capped_lines(stream: IO[str]) -> Iterator[str]:
+    """The stream's lines, read in blocks so that memory stays bounded: a line longer than
+    MAX_LINE_CHARS is cut after the block that holds it (the caller refuses it)."""
+    rest = ""
+    while block := stream.read(1 << 20):
+        *lines, rest = (rest + block).split("\n")
+        yield from lines
+        if len(rest) > MAX_LINE_CHARS:
+            yield rest
+            return
+    if rest:
+        yield rest
+
+
+def _line_problem(line: str, previous: int) -> str:
+    """Why ``line`` (after an opportunity at ``previous`` ms) is no line of a trace."""
+    if len(line) > MAX_LINE_CHARS:
+        return (
+            f"longer than {MAX_LINE_CHARS} characters; a line holds one timestamp in ms "
+            "(mahimahi's format)"
+        )
+    cell = line.strip()
+    if not cell.isdigit():
+        return (
+            f"{quote(cell)} is not a whole number of milliseconds (mahimahi's format: one "
+            "delivery opportunity per line)"
+        )
+    return gap_problem(int(cell), previous) or "unreadable"
+
+
 @lru_cache(maxsize=16)
 def _read(path: str, _mtime_ns: int, _size: int) -> LinkTrace:
     opener = gzip.open if path.endswith(".gz") else open
     times: list[int] = []
-    previous = 0
+    previous = last = 0
     try:
-        with opener(path, "rt", encoding="ascii") as lines:  # line by line: the cap holds
-            for number, line in enumerate(lines, start=1):
+        with opener(path, "rt", encoding="ascii") as stream:
+            for number, line in enumerate(_capped_lines(stream), start=1):
                 cell = line.strip()
-                if not cell:
-                    continue
-                if not cell.isdigit():
-                    raise TraceError(
-                        f"link trace {path} line {number}: {cell[:40]!r} is not a whole number "
-                        "of milliseconds (mahimahi's format: one delivery opportunity per line)"
-                    )
-                ms = int(cell)
-                if ms < previous:
-                    raise TraceError(
-                        f"link trace {path} line {number}: {ms} ms comes after {previous} ms; "
-                        "timestamps must not decrease"
-                    )
-                times.append(ms)
-                previous = ms
-                if len(times) > MAX_OPPORTUNITIES:
-                    raise TraceError(f"link trace {path}: more than {MAX_OPPORTUNITIES} lines")
+                if len(line) <= MAX_LINE_CHARS and cell.isdigit():
+                    ms = int(cell)
+                    if previous <= ms <= previous + MAX_GAP_MS:
+                        times.append(ms)
+                        previous, last = ms, number
+                        if len(times) > MAX_OPPORTUNITIES:
+                            raise TraceError(
+                                f"link trace {path}: more than {MAX_OPPORTUNITIES} lines"
+                            )
+                        continue
+                elif len(line) <= MAX_LINE_CHARS and not cell:
+                    continue  # a blank line
+                problem = _line_problem(line, previous)
+                raise TraceError(f"link trace {path} line {number}: {problem}")
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise TraceError(f"link trace {path}: cannot be read as text ({exc})") from exc
     if not times:
@@ -125,6 +208,8 @@ def _read(path: str, _mtime_ns: int, _size: int) -> LinkTrace:
             f"link trace {path}: the last timestamp is 0 ms; a trace must last > 0 ms "
             "(its last timestamp is the period it repeats with)"
         )
+    if problem := mean_problem(len(times), times[-1]):
+        raise TraceError(f"link trace {path} line {last}: {problem}")
     return LinkTrace(path, tuple(times))
 
 

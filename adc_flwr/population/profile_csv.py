@@ -3,9 +3,10 @@
 A trace has one row per client (rows wrap when there are more partitions). Its required
 columns are TRACE_COLUMNS; OPTIONAL_COLUMNS add recorded links (mahimahi files, paths relative
 to the CSV; an empty cell: the row's constant rate), the radio's power model and the
-device's joules per GFLOP. ``profiles.csv`` writes every column, and DERIVED_COLUMNS that a
-reader ignores (they follow from the partition and the seed), so a run's profiles.csv reads
-back as a trace of the same clients.
+device's joules per GFLOP. ``profiles.csv`` writes every column, and DERIVED_COLUMNS: a
+reader places each row by its ``partition`` (ids 0..n-1, each once) and ignores
+``trace_offset_s`` (it follows from the partition and the seed), so a run's profiles.csv
+reads back as a trace of the same clients, however its rows were sorted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adc_flwr.population.energy import REFERENCE_J_PER_GFLOP, REFERENCE_RADIO
-from adc_flwr.population.links import LinkTrace, TraceError, read_link_trace
+from adc_flwr.population.links import LinkTrace, TraceError, quote, read_link_trace
 from adc_flwr.population.profiles import (
     RULES,
     ClientProfile,
@@ -27,6 +28,7 @@ from adc_flwr.population.profiles import (
     assign_profiles,
     obeys,
 )
+from adc_flwr.run.input_root import InputPathError, check_input
 
 TRACE_COLUMNS: tuple[str, ...] = ("name", *RULES)
 OPTIONAL_COLUMNS: tuple[str, ...] = ("radio", "j_per_gflop", "uplink_trace", "downlink_trace")
@@ -39,9 +41,9 @@ def _number(column: str, text: str, where: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ProfileError(f"{where}: {text.strip()!r} is not a number") from None
+        raise ProfileError(f"{where}: {quote(text)} is not a number") from None
     if not math.isfinite(value):
-        raise ProfileError(f"{where}: {text.strip()!r} is not finite")
+        raise ProfileError(f"{where}: {quote(text)} is not finite")
     if column in RULES and not obeys(column, value):
         raise ProfileError(f"{where}: {value!r} is out of range (must be {RULES[column][2]})")
     return value
@@ -104,10 +106,13 @@ def _rows(reader: Any, where: str) -> Iterator[list[str]]:
 
 
 def read_trace(path: str | Path) -> list[ClientProfile]:
-    """Profiles from a CSV with a TRACE_COLUMNS header (see the module's docstring)."""
+    """Profiles from a CSV with a TRACE_COLUMNS header (see the module's docstring), in the
+    order of their ``partition`` column when it has one."""
     where = f"profile-trace {path}"
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # tolerate a spreadsheet's BOM
+        text = check_input(path).read_text(encoding="utf-8-sig")  # tolerate a spreadsheet's BOM
+    except InputPathError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{where}: cannot be read ({exc})") from exc
     reader = csv.reader(io.StringIO(text))
@@ -119,12 +124,15 @@ def read_trace(path: str | Path) -> list[ClientProfile]:
         if column not in known or header.count(column) > 1:
             optional = OPTIONAL_COLUMNS + DERIVED_COLUMNS
             wanted = f"each of {TRACE_COLUMNS} once, optionally {optional}"
-            raise ProfileError(f"{where} line 1, column {column!r}: unknown or repeated; {wanted}")
+            raise ProfileError(
+                f"{where} line 1, column {quote(column)}: unknown or repeated; {wanted}"
+            )
     for column in TRACE_COLUMNS:
         if column not in header:
             raise ProfileError(f"{where} line 1, column {column!r}: missing from the header")
     base = Path(path).parent
     profiles: list[ClientProfile] = []
+    ids: list[tuple[str, int]] = []  # each row's partition cell and line
     for cells in _rows(reader, where):
         line = reader.line_num
         if not any(c.strip() for c in cells):
@@ -135,10 +143,30 @@ def read_trace(path: str | Path) -> list[ClientProfile]:
                 f"{where} line {line}, column {column!r}: "
                 f"{len(cells)} cells where the header has {len(header)}"
             )
-        profiles.append(_row(dict(zip(header, cells, strict=True)), base, f"{where} line {line}"))
+        row = dict(zip(header, cells, strict=True))
+        profiles.append(_row(row, base, f"{where} line {line}"))
+        ids.append((row.get("partition", "").strip(), line))
     if not profiles:
         raise ProfileError(f"{where} line 2: no client rows after the header")
-    return profiles
+    return _by_partition(profiles, ids, where) if "partition" in header else profiles
+
+
+def _by_partition(
+    profiles: list[ClientProfile], ids: list[tuple[str, int]], where: str
+) -> list[ClientProfile]:
+    """The rows placed by their ``partition`` cells, which must be 0..n-1, each once."""
+    n = len(profiles)
+    order: dict[int, int] = {}
+    for row, (cell, line) in enumerate(ids):
+        partition = int(cell) if cell.isdecimal() and len(cell) <= 12 else -1
+        if not 0 <= partition < n or partition in order:
+            raise ProfileError(
+                f"{where} line {line}, column 'partition': {quote(cell)} is not one of "
+                f"0..{n - 1} or repeats; the file's {n} rows need the ids 0..{n - 1}, each once "
+                "(or no partition column: rows in file order)"
+            )
+        order[partition] = row
+    return [profiles[order[p]] for p in range(n)]
 
 
 def write_profiles(

@@ -9,6 +9,7 @@ nothing is deleted or rewritten to get past it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -28,12 +29,17 @@ class RunDirError(RuntimeError):
     """A run directory's file is damaged or does not fit the run; says which and what to do."""
 
 
+def os_reason(exc: OSError) -> str:
+    """The OS's reason with its errno name: ``No space left on device (ENOSPC)``."""
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
 def write_error(path: Path, exc: OSError) -> RunDirError:
     """One line naming the file and the OS's reason (a full disk, a read-only folder, ...)."""
-    reason = exc.strerror or str(exc)
     return RunDirError(
-        f"{path} cannot be written: {reason}. Nothing half-written was left; free the space or "
-        "fix the folder's permissions and rerun the same command to resume"
+        f"{path} cannot be written: {os_reason(exc)}. Nothing half-written was left; free the "
+        "space or fix the folder's permissions and rerun the same command to resume"
     )
 
 

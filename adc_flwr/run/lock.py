@@ -84,8 +84,12 @@ class RunLock:
             started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             token=token,
         )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(asdict(me)).encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(asdict(me)).encode("utf-8"), 0)
+        except OSError as exc:  # a full disk: the lock is given back, the file named
+            os.close(fd)
+            raise write_error(self.path, exc) from exc
         self._fd = fd
 
     def held_elsewhere(self) -> Holder | None:

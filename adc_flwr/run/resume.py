@@ -8,6 +8,8 @@ One decision, shared by the ServerApp, the sweep runner and ``scripts/flwr_run.s
 - ``new``: nothing there, or a run that failed before training anything (no progress), whose
   name it may take over.
 - another config with progress: refused with the keys that differ (old and new value).
+- no ``config.json`` but files a run writes, or files no run writes: someone else's folder,
+  refused (:func:`check_ours`).
 """
 
 from __future__ import annotations
@@ -47,31 +49,50 @@ def has_progress(run_dir: RunDir, completed: bool) -> bool:
     return completed or run_dir.checkpoint_path.exists() or run_dir.step_rows() > 0
 
 
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def check_ours(run_dir: RunDir) -> None:
+    """Raise :class:`RunDirError`, naming the files, when ``run_dir`` is someone else's
+    folder: its ``config.json`` names no run-config key (a model's, say), or it has none but
+    holds files no run writes, or files a run writes only after its ``config.json``
+    (docs/run-directory.md#rerunning-a-run-name). The lock and Flower's logs, which a
+    launcher leaves before its run starts, are a run's."""
+    if run_dir.config_path.exists():
+        stored = run_dir.read_config()
+        if not isinstance(stored, dict) or not set(stored) & set(RunConfig().to_run_config()):
+            raise RunDirError(
+                f"{run_dir.path}/config.json is not a run's config (it names no run-config "
+                "key): the folder is someone else's; pick another run-name or out-dir"
+            )
+        return
+    if foreign := run_dir.foreign_files():
+        raise RunDirError(
+            f"{run_dir.path} holds files that are not a run's ({_listed(foreign)}) and no "
+            "config.json: it is not a run directory; pick another run-name or out-dir"
+        )
+    if theirs := run_dir.results_without_config():
+        raise RunDirError(
+            f"{run_dir.path} holds {_listed(theirs)} but no config.json, which a run writes "
+            "before any of them: they are not this run's and are left as they are; pick "
+            "another run-name or out-dir, or move them away to start over"
+        )
+
+
 def run_state(run_dir: RunDir, config: Mapping[str, Any]) -> str:
     """:data:`NEW`, :data:`RESUME` or :data:`FINISHED` for running ``config`` in ``run_dir``.
 
     Raises :class:`RunDirError` when the directory holds another run that trained something,
-    results without a ``config.json``, or files no run writes without a ``config.json``
-    (someone else's folder, never taken over); damaged files raise from the readers.
+    or is someone else's folder (:func:`check_ours`, never taken over); damaged files raise
+    from the readers.
     """
+    check_ours(run_dir)
     stored = run_dir.read_config()
-    if stored is None and (foreign := run_dir.foreign_files()):
-        listed = ", ".join(foreign[:5]) + (
-            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        )
-        raise RunDirError(
-            f"{run_dir.path} holds files that are not a run's ({listed}) and no config.json: it "
-            "is not a run directory; pick another run-name or out-dir"
-        )
+    if stored is None:  # nothing there but a launcher's lock or logs
+        return NEW
     completed = (run_dir.read_summary() or {}).get("status") == "completed"
     progress = has_progress(run_dir, completed)
-    if stored is None:
-        if progress:
-            raise RunDirError(
-                f"{run_dir.path} holds results but no config.json; move it away (or pick "
-                "another run-name) to start over"
-            )
-        return NEW
     differences = config_differences(stored, config)
     if differences:
         if progress:

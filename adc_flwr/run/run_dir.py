@@ -27,6 +27,8 @@
   are written as null, since JSON has no NaN.
 - ``checkpoint.pt``: whatever the strategy needs to resume (``torch.save``, atomic), plus
   how many metric rows had been written when it was taken.
+- ``inputs.json``: the identity of every file the run reads, taken when it started
+  (:mod:`adc_flwr.run.inputs`); a resume compares it.
 
 Resume (:mod:`adc_flwr.run.resume` decides whether a directory is new, resumable or finished):
 load the checkpoint, check that :meth:`RunDir.metric_rows` up to its round equals the count
@@ -44,7 +46,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +121,7 @@ PROFILES_FILE = "profiles.csv"
 PARTITIONS_FILE = "partitions.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+INPUTS_FILE = "inputs.json"  # what the run reads (adc_flwr.run.inputs)
 LOCK_FILE = ".lock"  # the run's one writer (adc_flwr.run.lock)
 RUN_FILES = (
     CONFIG_FILE,
@@ -130,6 +133,7 @@ RUN_FILES = (
     PARTITIONS_FILE,
     SUMMARY_FILE,
     CHECKPOINT_FILE,
+    INPUTS_FILE,
     LOCK_FILE,
 )
 # Flower's logs, which the launchers keep in the run directory when a run did not complete
@@ -155,16 +159,29 @@ class RunDir:
     def foreign_files(self) -> list[str]:
         """Names in the directory that no run writes (sorted): someone else's files. A temp
         file of an interrupted atomic write (``.<name>.*.tmp``) is a run's."""
+        return self._names(lambda entry: not entry.is_file() or entry.name not in RUN_FILES)
+
+    def results_without_config(self) -> list[str]:
+        """Run files here (sorted) that a run writes only after ``config.json``: all but the
+        lock and Flower's logs, which a launcher leaves before its run starts. Without a
+        ``config.json`` they are someone else's (docs/run-directory.md)."""
+        return self._names(
+            lambda entry: entry.is_file() and entry.name in RUN_FILES and entry.name != LOCK_FILE
+        )
+
+    def _names(self, keep: Callable[[Path], bool]) -> list[str]:
+        """Names of the entries here that ``keep`` accepts (sorted), never a file that is
+        Flower's log or the temp file of an interrupted atomic write (a run's own)."""
         if not self.path.is_dir():
             return []
         return sorted(
             entry.name
             for entry in self.path.iterdir()
-            if not (
+            if keep(entry)
+            and not (
                 entry.is_file()
                 and (
-                    entry.name in RUN_FILES
-                    or LOG_FILE.fullmatch(entry.name)
+                    LOG_FILE.fullmatch(entry.name)
                     or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
                 )
             )

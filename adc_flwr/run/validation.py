@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adc_flwr.config import ConfigError, RunConfig
+from adc_flwr.run.input_root import InputPathError, check_input, local_inputs
 
 log = logging.getLogger("adc_flwr")
 
@@ -40,6 +41,7 @@ def validate_run(run_config: Mapping[str, Any], num_supernodes: int | None = Non
 
     cfg = RunConfig.from_run_config(run_config)
     check_out_root(cfg)
+    check_in_root(cfg)
     # a GPU asked for must be there, and run bf16 if asked (ConfigError otherwise)
     check_precision(resolve_device(cfg.device), cfg.precision)
     if cfg.method not in available_methods():
@@ -156,3 +158,15 @@ def check_out_root(cfg: RunConfig) -> None:
             f"run-config key 'out-dir' = {cfg.out_dir!r}: this deployment writes runs under "
             f"{OUT_ROOT_ENV}={root}; the run directory {cfg.run_dir} is outside it"
         )
+
+
+def check_in_root(cfg: RunConfig) -> None:
+    """:class:`ConfigError` naming the key when a path of :func:`local_inputs` lies outside
+    ``ADC_IN_ROOT`` (when set in this process's environment) or is a FIFO or device: as for
+    ``out-dir``, whoever submits a run to a deployment chooses these paths."""
+    for key, path in local_inputs(cfg):
+        try:
+            check_input(path)
+        except InputPathError as exc:
+            value = getattr(cfg, key.replace("-", "_"))
+            raise ConfigError(f"run-config key {key!r} = {value!r}: {exc}") from None

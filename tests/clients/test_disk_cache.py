@@ -4,6 +4,12 @@ when damaged."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +135,112 @@ def test_a_cache_that_cannot_be_written_only_costs_time(
     with_cache = client_setup(cfg, 1, 3)
     monkeypatch.delenv(disk_cache.CACHE_ENV)
     _same_client(with_cache, client_setup(cfg, 1, 3))
+
+
+@pytest.mark.parametrize("name", ["indices", "held_out"])
+def test_indices_that_are_not_the_rows_held_are_a_miss(
+    tmp_path: Path, cache: Path, name: str
+) -> None:
+    """An entry whose train or held-out indices name a row it does not hold (same shape and
+    dtype as its description says) is rebuilt, not handed to the client."""
+    cfg = tiny_config(tmp_path, federated_eval_every=1)
+    good = client_setup(cfg, 1, 4)
+    entry = cache / str(disk_cache.entry_key(cfg, 1, 4))
+    array = np.load(entry / f"{name}.npy")
+    array[0] = np.setdiff1d(np.arange(len(good.data.train)), np.load(entry / "ids.npy"))[0]
+    np.save(entry / f"{name}.npy", array, allow_pickle=False)
+    again = client_setup(cfg, 1, 4)
+    _same_client(good, again)
+    np.testing.assert_array_equal(np.load(entry / f"{name}.npy"), getattr(good, name))
+
+
+def _dead_pid() -> int:
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(child.stdout)
+
+
+def test_unfinished_entries_of_dead_writers_are_removed_live_ones_kept(
+    tmp_path: Path, cache: Path
+) -> None:
+    """``.tmp-`` folders are entries being written: removed when their writer's PID is gone
+    (this host) or when older than STALE_TMP_S (another host's), never while a live writer
+    may still fill them; removals that never finished (``.trash-``) go too."""
+    host = socket.gethostname()
+    old = time.time() - disk_cache.STALE_TMP_S - 60
+    folders = {
+        f".tmp-{host}-{_dead_pid()}-abc123": False,  # its writer died
+        f".tmp-{host}-{os.getpid()}-live01": True,  # this process is writing it
+        ".tmp-elsewhere-1-fresh1": True,  # another host's, recent
+        ".tmp-elsewhere-1-stale1": False,  # another host's, old
+        ".tmp-0a1b2c3d": False,  # an older version's name, old
+        ".trash-123-ffff": False,  # a removal cut short
+    }
+    cache.mkdir()
+    for name in folders:
+        (cache / name).mkdir()
+        (cache / name / "rows.npy").write_bytes(b"x" * 100)
+    for name in (".tmp-elsewhere-1-stale1", ".tmp-0a1b2c3d"):
+        os.utime(cache / name, (old, old))
+    client_setup(tiny_config(tmp_path), 0, 4)  # a miss: writes an entry
+    left = {p.name for p in cache.iterdir() if p.name.startswith(".")}
+    assert left == {name for name, kept in folders.items() if kept}
+
+
+def test_an_entry_replaced_while_it_was_read_is_not_removed(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another node evicts the entry this one is reading and a third publishes it again:
+    the read fails (a file vanished), but the new entry is whole and stays; only the entry
+    that was read could be called damaged."""
+    cfg = tiny_config(tmp_path)
+    good = client_setup(cfg, 1, 4)
+    entry = cache / str(disk_cache.entry_key(cfg, 1, 4))
+    copy = tmp_path / "published-again"
+    shutil.copytree(entry, copy)
+    (copy / "marker").write_text("published by another node")
+    real_load = np.load
+    raced = []
+
+    def load(path, *args, **kwargs):
+        if not raced:  # mid-read: evicted by one node, published again by another
+            raced.append(True)
+            shutil.rmtree(entry)
+            copy.rename(entry)
+            raise FileNotFoundError(path)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(disk_cache.np, "load", load)
+    again = client_setup(cfg, 1, 4)
+    _same_client(good, again)
+    assert raced and (entry / "marker").is_file()  # the new entry stayed
+
+
+def test_keyed_by_the_files_the_loader_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``parquet:~/x`` with ``data-dir`` set is keyed by the home folder's file (an edit is
+    another key); the bundled digits file by its content, not its install path."""
+    import shutil
+
+    import sklearn
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "x.parquet").write_bytes(b"rows")
+    cfg = tiny_config(tmp_path, dataset="parquet:~/x.parquet", data_dir=str(tmp_path / "d"))
+    before = disk_cache.entry_key(cfg, 0, 4)
+    (tmp_path / "home" / "x.parquet").write_bytes(b"other rows")
+    assert disk_cache.entry_key(cfg, 0, 4) != before
+
+    digits = tiny_config(tmp_path, dataset="digits")
+    key = disk_cache.entry_key(digits, 0, 4)
+    moved = tmp_path / "venv2" / "sklearn" / "datasets" / "data"
+    moved.mkdir(parents=True)
+    shutil.copy(Path(sklearn.__file__).parent / "datasets/data/digits.csv.gz", moved)
+    monkeypatch.setattr(sklearn, "__file__", str(tmp_path / "venv2" / "sklearn" / "x.py"))
+    assert disk_cache.entry_key(digits, 0, 4) == key

@@ -99,15 +99,20 @@ def test_gzip_garbage_is_damaged_not_missing(tmp_path: Path) -> None:
         load_data("fashion-mnist", str(folder) + "/")  # another cache key: read again
 
 
-def write_parquet(folder: Path, train_labels: list, label_feature: object) -> str:
-    """train.parquet and test.parquet of solid 8-px images, ``train_labels`` in train."""
+def write_parquet(
+    folder: Path, train_labels: list, label_feature: object, test_labels: list | None = None
+) -> str:
+    """train.parquet and test.parquet of solid 8-px images, ``train_labels`` in train (and
+    ``test_labels`` in test, 0, 1, 2, 0 unless given)."""
     import datasets
     from PIL import Image
 
     features = datasets.Features({"img": datasets.Image(), "label": label_feature})
     folder.mkdir(parents=True, exist_ok=True)
-    for name, values in (("train", train_labels), ("test", [0, 1, 2, 0])):
-        images = [Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)) for i in range(len(values))]
+    for name, values in (("train", train_labels), ("test", test_labels or [0, 1, 2, 0])):
+        images = [
+            Image.fromarray(np.full((8, 8, 3), 40 * i % 256, np.uint8)) for i in range(len(values))
+        ]
         datasets.Dataset.from_dict({"img": images, "label": values}, features=features).to_parquet(
             str(folder / f"{name}.parquet")
         )
@@ -183,3 +188,58 @@ def test_an_imagefolder_names_what_it_skips_and_what_it_cannot_read(tmp_path: Pa
         pytest.warns(SkippedFilesWarning),
     ):
         load_data(f"imagefolder:{folder}/")
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            [0, 1, 2, 1000, 0, 1],
+            r"column 'label' holds label 1000 in row 3 of split 0, so its integer labels would "
+            r"make 1001 classes 0\.\.1000 of which 997 hold no sample \(at most 100",
+        ),
+        ([0, 1, 2, 10**12, 0, 1], r"column 'label' holds label 1000000000000 in row 3"),
+        (
+            [0, 1, 10**30, 2, 0, 1],
+            r"column 'label' holds label 1e\+30 in row 2 of split 0, past 64-bit",
+        ),
+        ([0, 0, 0, 0, 0, 0], r"column 'label' gives 1 class\(es\) \['0'\]: a classifier needs"),
+    ],
+    ids=["1000", "1e12", "past-int64", "one-class"],
+)
+def test_a_label_value_never_sizes_the_classes(tmp_path: Path, labels: list, message: str) -> None:
+    """Issue 27: plain integer labels give classes 0..max only when those ids are mostly
+    used; a stray large id is named, before anything of its size is made."""
+    import datasets
+
+    feature = datasets.Value("float64" if max(labels) > 2**63 else "int64")
+    one_class = [0, 0] if max(labels) == 0 else None  # the default test split holds 1 and 2
+    dataset = write_parquet(tmp_path / "p", labels, feature, test_labels=one_class)
+    with pytest.raises(DataError, match=message):
+        load_data(dataset)
+
+
+def test_declared_classes_and_a_missing_one_are_kept(tmp_path: Path) -> None:
+    """A ClassLabel's classes count even when unused; plain ids may miss one class of ten."""
+    import datasets
+
+    declared = write_parquet(tmp_path / "c", [0, 1, 2, 2], datasets.ClassLabel(num_classes=40))
+    assert load_data(declared).num_classes == 40
+    nine_of_ten = [i for i in range(10) if i != 7]
+    ids = write_parquet(tmp_path / "i", nine_of_ten, datasets.Value("int64"))
+    assert load_data(ids).num_classes == 10
+
+
+def test_a_one_class_imagefolder_says_so(tmp_path: Path) -> None:
+    """Issue 27: ``datasets`` labels an image folder by its folders only when there are two
+    or more; one class folder is named, not "Cannot find the label column"."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    (folder / "cat").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(folder / "cat" / f"{i}.png")
+    with pytest.raises(
+        DataError, match=rf"all of one class \(folder {folder / 'cat'}\): a classifier needs at"
+    ):
+        load_data(f"imagefolder:{folder}")

@@ -5,22 +5,29 @@ ServerApp makes the run directory leaves Flower's logs where the verdict says th
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
+import psutil
 import pytest
 
+from adc_flwr.run.lock import TOKEN_ENV
 from adc_flwr.run.run_dir import RunDir
-from simulations import deploy, launcher, supervise
+from simulations import deploy, launcher, reaper, supervise
 from simulations.local_deployment import DeploymentError
-from simulations.reaper import STOP_SIGNALS
+from simulations.reaper import start_watchdog
+from simulations.stopping import STOP_SIGNALS
 from simulations.supervise import EXIT_FAILED, EXIT_INTERRUPTED
 
 
@@ -256,3 +263,114 @@ def test_a_stop_signal_anywhere_still_stops_everything(
         opcode = 0 if opcode is None else opcode + 1
     assert total > 100  # the trace saw the whole launcher
     assert set(outcomes) == {EXIT_FAILED, EXIT_INTERRUPTED}
+
+
+# Stands for the raylet's restart of its agents, which the watchdog cannot see: the agent
+# (argv[1], a JSON command) is started, started again a second after it died, and left to
+# init; each agent's PID is appended to argv[2].
+RESPAWNER = """
+import json, subprocess, sys, time
+command = json.loads(open(sys.argv[1]).read())
+def start():
+    agent = subprocess.Popen(command, start_new_session=True)
+    with open(sys.argv[2], "a") as pids:
+        pids.write(f"{agent.pid}\\n")
+    return agent
+start().wait()
+time.sleep(1.0)
+start()
+"""
+
+
+def test_the_watchdog_ends_a_ray_session_whose_agents_lost_the_token(tmp_path: Path) -> None:
+    """The launcher dies (its watchdog's pipe closes, nothing said): a process carrying the
+    token (the raylet) is killed, and so is an agent without the token whose command line
+    names the run's Ray session in the private directory, the second time too, after it was
+    started again (issue 27, item 10); the private directory goes."""
+    token = f"test-{secrets.token_hex(8)}"
+    home = tmp_path / "adcf.private"
+    session = home / "ray" / "session_2026-01-01_00-00-00_000000_1"
+    session.mkdir(parents=True)
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    (tmp_path / "agent.json").write_text(json.dumps([*sleep, f"--session-dir={session}"]))
+    pids = tmp_path / "agents"
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    raylet = subprocess.Popen(sleep, env=env | {TOKEN_ENV: token})
+    respawner = subprocess.Popen(
+        [sys.executable, "-c", RESPAWNER, str(tmp_path / "agent.json"), str(pids)], env=env
+    )
+    watchdog = None
+    try:
+        deadline = time.monotonic() + 30
+        while not pids.exists() and time.monotonic() < deadline:  # the first agent runs
+            time.sleep(0.1)
+        watchdog = start_watchdog(token, home)
+        assert watchdog.stdin is not None
+        watchdog.stdin.close()  # the launcher died without saying done
+        assert watchdog.wait(timeout=60) == 0
+        assert raylet.wait(timeout=5) == -signal.SIGKILL
+        alive = [pid for pid in pids.read_text().split() if _running(int(pid))]
+        assert not alive, f"agents {alive} outlived the watchdog"
+        assert respawner.wait(timeout=10) == 0  # it started the agent again: the trigger
+        assert len(pids.read_text().split()) == 2
+        assert not home.exists()
+    finally:
+        for proc in (raylet, respawner, watchdog):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_launcher_under_nohup_keeps_ignoring_sighup() -> None:
+    """``nohup scripts/flwr_run.sh`` starts the launcher with SIGHUP ignored: a closed
+    terminal must not stop the run, while SIGINT and SIGTERM still do."""
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        reaper.handle_stop_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is reaper.raise_interrupted
+        assert signal.getsignal(signal.SIGINT) is reaper.raise_interrupted
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_a_rerun_ends_what_a_dead_launcher_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run directory's previous launcher died with -9 and its watchdog with it: the next
+    launcher kills what carries the old token and, as the watchdog would, an agent without
+    the token that names the dead launcher's private directory; that directory goes."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    home = tmp_path / f"adcx.{dead.pid}.private"
+    session = home / "ray" / "session_1"
+    session.mkdir(parents=True)
+    token = f"test-{secrets.token_hex(8)}"
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    procs = [
+        subprocess.Popen(sleep, env=env | {TOKEN_ENV: token}),
+        subprocess.Popen([*sleep, f"--session-dir={session}"], env=env),
+    ]
+    try:
+        assert supervise.remove_stale_homes("adcx.", token) == 2
+        for proc in procs:  # psutil reaped them: Popen only sees that they are gone
+            proc.wait(timeout=5)
+        assert not home.exists()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -6,8 +6,10 @@ checks run in this process (``check`` instead of ``check_apart``'s child) to kee
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,13 +20,14 @@ import pytest
 import torch
 
 from adc_flwr.config import ConfigError, RunConfig
+from adc_flwr.run.files import RunDirError
 from adc_flwr.run.lock import RunLock
 from adc_flwr.run.run_dir import RunDir
 from clients import client_app as client_module
 from simulations import launcher, preflight, supervise
 from simulations.inprocess_grid import InProcessGrid
 from strategies.lifecycle import run_training
-from tests.data.test_damaged import idx_bytes, write_idx
+from tests.data.test_damaged import idx_bytes, write_idx, write_parquet
 from tests.run.test_run_dir import plant_checkpoint
 from tests.simulations.test_launcher import finish, launch
 from tests.support.helpers import run_server_app, tiny_config
@@ -128,6 +131,60 @@ def test_someone_elses_folder_is_not_taken_over(refuse, tmp_path: Path) -> None:
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "profiles.csv", "summary.json"]
 
 
+THEIRS = {"summary.json": '{"theirs": 1}', "profiles.csv": "x", "clients.csv": "a,b\n1,2\n"}
+
+
+@pytest.mark.parametrize(
+    "names", [("summary.json", "profiles.csv"), ("clients.csv",)], ids=["summary", "clients"]
+)
+def test_files_a_run_writes_without_its_config_are_someone_elses(
+    refuse, tmp_path: Path, names: tuple[str, ...]
+) -> None:
+    """Issue 27: a run writes config.json before anything else, so a folder of run-named
+    files without one is not a run's: refused before Flower, the files named, left as
+    they were (the launcher, then the ServerApp as a plain ``flwr run`` starts it)."""
+    theirs = tmp_path / "out" / "probe"
+    theirs.mkdir(parents=True)
+    for name in names:
+        (theirs / name).write_text(THEIRS[name])
+    status, err = refuse(TINY)
+    line = one_error_line(err)
+    assert status == 2 and f"holds {', '.join(sorted(names))} but no config.json" in line
+    cfg = tiny_config(tmp_path / "out", run_name="probe")
+    with pytest.raises(RunDirError, match=f"holds {', '.join(sorted(names))} but no config"):
+        run_server_app(cfg, 2)
+    assert {p.name: p.read_text() for p in theirs.iterdir()} == {n: THEIRS[n] for n in names}
+
+
+def test_a_folder_whose_config_json_is_not_a_runs_is_someone_elses(refuse, tmp_path: Path) -> None:
+    """A model's folder holds a config.json of its own: it names no run-config key, so the
+    folder is not a run's, and neither the launcher nor the ServerApp overwrites it."""
+    theirs = tmp_path / "out" / "probe"
+    theirs.mkdir(parents=True)
+    config = '{"model_type": "vit", "hidden_size": 192}'
+    (theirs / "config.json").write_text(config)
+    status, err = refuse(TINY)
+    assert status == 2 and "config.json is not a run's config" in one_error_line(err)
+    with pytest.raises(RunDirError, match=r"config\.json is not a run's config"):
+        run_server_app(tiny_config(tmp_path / "out", run_name="probe"), 2)
+    assert [p.name for p in theirs.iterdir()] == ["config.json"]
+    assert (theirs / "config.json").read_text() == config
+
+
+def test_a_launchers_own_leftovers_do_not_refuse_its_rerun(refuse, tmp_path: Path) -> None:
+    """What a launcher leaves when ``flwr run`` failed before the ServerApp wrote anything
+    (its lock, Flower's logs, no config.json) is a run's: the rerun goes on to Flower, and
+    a ServerApp there runs and completes."""
+    ours = tmp_path / "out" / "probe"
+    ours.mkdir(parents=True)
+    for name in (".lock", "superlink.log", "supernode-0.log", "supernode-1.log"):
+        (ours / name).write_text("")
+    with pytest.raises(FlowerStarted):
+        refuse(TINY)
+    summary, _ = run_server_app(tiny_config(tmp_path / "out", run_name="probe"), 2)
+    assert summary is not None and summary["status"] == "completed"
+
+
 def resumable_run(tmp_path: Path) -> RunConfig:
     """A finished round 1 of 2 (a checkpoint, then the process "died")."""
     cfg = tiny_config(tmp_path / "out", run_name="probe", num_server_rounds=2)
@@ -176,6 +233,30 @@ def test_damaged_data_is_named_before_flower(refuse, tmp_path: Path) -> None:
     assert status == 2 and "the test split holds 1 label(s) outside 0..9" in line
 
 
+@pytest.mark.parametrize("case", ["label-1e12", "one-class-folder"])
+def test_data_that_would_size_or_lack_classes_is_one_line(
+    refuse, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    """Issue 27: a label of 10^12 in a parquet column is named (the preflight built 10^12
+    class names: MemoryError); an image folder of one class says so."""
+    import datasets
+    from PIL import Image
+
+    if case == "label-1e12":
+        labels = [0, 1, 2, 10**12, 0, 1]
+        dataset = write_parquet(tmp_path / "p", labels, datasets.Value("int64"))
+        message = "column 'label' holds label 1000000000000 in row 3 of split 0"
+    else:
+        (tmp_path / "imgs" / "cat").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(tmp_path / f"imgs/cat/{i}.png")
+        dataset = f"imagefolder:{tmp_path / 'imgs'}"
+        message = "its images are all of one class (folder "
+    capsys.readouterr()  # datasets' progress bars while writing the files
+    status, err = refuse(TINY.replace("'digits'", f"'{dataset}'"))
+    assert status == 2 and message in one_error_line(err)
+
+
 def test_a_trace_outside_physics_names_file_line_and_column(refuse, tmp_path: Path) -> None:
     trace = tmp_path / "trace.csv"
     trace.write_text(
@@ -219,6 +300,79 @@ def test_files_follow_the_umask_and_a_full_disk_is_named(
         assert set(modes.values()) == {0o664}, modes
     finally:
         os.umask(old)
+
+
+def fill_disk(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Every write under ``folder`` fails as on a full disk (ENOSPC): the lock's record, the
+    fsync of an atomic write, a copy (which leaves a partial file, as the kernel does)."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def under(fd: int) -> bool:
+        return Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(folder)
+
+    real_pwrite, real_fsync, real_copy = os.pwrite, os.fsync, shutil.copyfile
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if under(fd):
+            raise full
+        return real_pwrite(fd, data, offset)
+
+    def fsync(fd: int) -> None:
+        if under(fd) and Path(os.readlink(f"/proc/self/fd/{fd}")).is_file():
+            raise full
+        real_fsync(fd)
+
+    def copyfile(src: Path, dst: Path, **kwargs: object) -> Path:
+        if Path(dst).is_relative_to(folder):
+            Path(dst).write_bytes(Path(src).read_bytes()[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+
+
+def test_a_full_disk_at_the_lock_is_one_line_naming_it(
+    refuse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 27: not even the lock's record fits: one line naming .lock and ENOSPC."""
+    fill_disk(monkeypatch, tmp_path / "out")
+    status, err = refuse(TINY)
+    line = one_error_line(err)
+    assert status == 2 and str(tmp_path / "out" / "probe" / ".lock") in line
+    assert "No space left on device (ENOSPC)" in line
+
+
+def test_a_full_disk_after_the_lock_names_what_could_not_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27: the lock fits, nothing else does: the ServerApp cannot write config.json
+    nor its failed summary, Flower's log cannot be copied; the launcher's last line names
+    the file and ENOSPC (not just "could not be kept"), exit 1, no partial copy left."""
+    monkeypatch.setattr(supervise, "check_apart", preflight.check)
+    monkeypatch.setenv("OUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("RUN_NAME", "probe")
+    run_dir = tmp_path / "out" / "probe"
+
+    def server_app_on_a_full_disk(self, home: Path, run_config: str) -> None:
+        log = home / "local-superlink" / "superlink.log"
+        log.parent.mkdir(parents=True)
+        fill_disk(monkeypatch, run_dir)  # from here on, after the lock
+        try:
+            run_server_app(tiny_config(run_dir.parent, run_name="probe"), 2)
+        except RunDirError as exc:  # Flower logs the ServerApp's error and goes on
+            log.write_text(f"ServerApp failed: {exc}\n")
+
+    monkeypatch.setattr(launcher.Simulation, "run", server_app_on_a_full_disk)
+    status = launcher.main([TINY, FEDERATION])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert status == 1 and "Traceback" not in err
+    assert last.startswith("run probe did not complete: it wrote no summary")
+    full = "cannot be written: No space left on device (ENOSPC)"
+    assert f"{run_dir / 'superlink.log'} {full}" in last
+    assert not (run_dir / "superlink.log").exists() and not (run_dir / "summary.json").exists()
 
 
 def test_a_client_lost_for_good_is_named_with_the_rounds_it_missed(tmp_path: Path) -> None:
@@ -285,10 +439,19 @@ def test_kill_9_of_the_launchers_group_leaves_nothing_and_a_rerun_resumes(
     assert holder is not None
     run_procs = [p for p in psutil.process_iter() if _carries(p, holder.token)]
     assert len(run_procs) > 3  # the SuperLink, the simulation, Ray and its actors
+    (home,) = Path(os.environ.get("TMPDIR", "/tmp")).glob(f"adcf.{holder.pid}.*")
+    assert _naming(home)  # Ray's session (raylet, GCS, agents) lives in the private dir
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the whole process group
     proc.wait()
     _, alive = psutil.wait_procs(run_procs, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
+    # nor any process of its Ray session, the agents the raylet starts without the token
+    # included (issue 27, item 10): none after a minute, none come back
+    deadline = time.monotonic() + 60
+    while _naming(home) and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(5)
+    assert not _naming(home), [p.cmdline() for p in _naming(home)]
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("adcf.*")) <= before
     killed = RunDir(tmp_path / "killed")
     early = killed.read_summary() or {}
@@ -297,6 +460,19 @@ def test_kill_9_of_the_launchers_group_leaves_nothing_and_a_rerun_resumes(
     assert code == 0 and "resuming" in out, out
     summary = killed.read_summary()
     assert summary["status"] == "completed" and summary["rounds"] == 40
+
+
+def _naming(home: Path) -> list[psutil.Process]:
+    """Processes whose command line or environment names ``home`` or a path below it."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            words = [*proc.cmdline(), *proc.environ().values()]
+        except (psutil.Error, OSError):
+            continue
+        if any(word == str(home) or f"{home}/" in word for word in words):
+            found.append(proc)
+    return found
 
 
 def _carries(proc: psutil.Process, token: str) -> bool:

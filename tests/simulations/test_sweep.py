@@ -6,9 +6,11 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -345,6 +347,19 @@ def test_rerun_skips_finished_points(
     assert {p: p.stat().st_mtime_ns for p in out_dir.glob("*/metrics.csv")} == before
 
 
+def test_rerun_over_a_damaged_finished_point_exits_1_naming_the_file(
+    smoke_sweep: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished point is skipped on a rerun, so collect is the one to find its deleted
+    metrics.csv: the sweep says so in one line naming the file and does not exit 0."""
+    out_dir = tmp_path / "smoke"
+    shutil.copytree(smoke_sweep[0], out_dir)
+    (out_dir / "none" / "metrics.csv").unlink()
+    assert main(["smoke", "--results-root", str(tmp_path)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(out_dir / "none" / "metrics.csv") in errors[0]
+
+
 def test_collect_table(smoke_sweep: tuple[Path, str]) -> None:
     out_dir, _ = smoke_sweep
     table = collect(out_dir)
@@ -515,3 +530,39 @@ def test_collect_writes_the_tidy_evaluation_table(smoke_sweep: tuple[Path, str])
     for column in ("seed", "method", "batch-size", "test_accuracy", "mb_total", "sim_time_s"):
         assert column in parquet_frame.columns
     assert list(parquet_frame["run"]) == list(csv_frame["run"])
+
+
+def test_a_stop_between_two_results_stops_the_points_before_recording_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop signal that lands in the sweep's own loop (writing sweep.json, drawing the
+    bar), not inside Ray's wait, still cancels the running points and shuts their Ray down
+    before the sweep reads what they left."""
+    events: list[str] = []
+
+    def ray_results(
+        queue: list[tuple[int, Any]], *_args: object, started: Any, **_kwargs: object
+    ) -> Iterator[tuple[int, sweep.PointResult]]:
+        try:
+            for _, point in queue:
+                started(point)
+            index, point = queue[0]
+            yield index, sweep.PointResult(point, "completed")
+            yield index, sweep.PointResult(point, "completed")  # never reached
+        finally:
+            events.append("points stopped")
+
+    def record_stopped(*_args: object) -> None:
+        events.append("recorded")
+
+    def signal_in_the_loop(line: str) -> None:
+        if line.startswith("[1/"):  # the first point's line: a signal arrives here
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "ray_results", ray_results)
+    monkeypatch.setattr(sweep, "_record_stopped", record_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(
+            load_experiment("smoke"), results_root=tmp_path, workers=2, progress=signal_in_the_loop
+        )
+    assert events == ["points stopped", "recorded"]

@@ -156,3 +156,51 @@ def test_a_client_cut_on_its_last_exchange_keeps_that_rounds_moments(
     )
     for a, b in zip(tables(own), tables(pooled), strict=True):
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_node_that_never_trained_waits_start_timeout_whatever_partition_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SuperNode that registers during round 1 runs partition 0 in round 2 (its id sorts
+    first): its first ``train.start`` loads the data and builds the model, so that exchange
+    waits ``start-timeout`` although partition 0 trained before; round 3 is warm."""
+    from flwr.app import Context, RecordDict
+
+    from clients import client_app as client_module
+    from simulations.inprocess_grid import InProcessGrid
+    from strategies.lifecycle import run_training
+    from strategies.messaging import Messenger
+
+    cfg = tiny_config(
+        tmp_path, num_partitions=2, num_server_rounds=3, step_timeout=5.0, start_timeout=60.0
+    )
+    waited: list[tuple[str, float]] = []
+    real = Messenger.exchange
+
+    def exchange(self, messages, timeout):
+        waited.append((messages[0].metadata.message_type, timeout))
+        return real(self, messages, timeout)
+
+    monkeypatch.setattr(Messenger, "exchange", exchange)
+    late = 1  # node ids are random 63-bit integers above 0: this one sorts first
+    late_starts: list[str] = []  # rounds whose train.start the late node ran
+
+    def register_late(pid: int, msg: Message) -> None:
+        if pid == 2 and msg.metadata.message_type == "train.start":
+            late_starts.append(msg.metadata.group_id)
+        if late not in grid.contexts and msg.metadata.message_type == "train.step":
+            grid.contexts[late] = Context(
+                run_id=1,
+                node_id=late,
+                node_config={"partition-id": 2, "num-partitions": 3},
+                state=RecordDict(),
+                run_config=cfg.to_run_config(),
+            )
+
+    grid = InProcessGrid(
+        client_module.app, 2, cfg.to_run_config(), seed=3, before_call=register_late
+    )
+    assert run_training(grid, cfg, progress=lambda _: None)["status"] == "completed"
+    assert [t for kind, t in waited if kind == "train.start"] == [60.0, 60.0, 5.0]
+    assert {t for kind, t in waited if kind == "train.step"} == {5.0}
+    assert late_starts == ["2", "3"]
