@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,38 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 CHANNELS = ("clean", "awgn")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N (N < the number of GPUs)"
 PRECISIONS = ("fp32", "bf16")
+AUGMENTS = ("none", "paper")  # adc_flwr/data/augment.py
+
+
+_TERM = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+MAX_CLASS_INDEX = 100_000  # a range is expanded: "0-999999999" must not size memory
+
+
+def parse_classes(spec: str) -> list[int]:
+    """The class indices ``spec`` names, in its order ([] for an empty spec). Raises
+    ValueError saying what is wrong (syntax, a reversed range, a repeat)."""
+    spec = spec.strip()
+    if not spec:
+        return []
+    picked: list[int] = []
+    for term in spec.split(","):
+        match = _TERM.match(term.strip())
+        if not match:
+            raise ValueError(
+                f"{term.strip()!r} is not a class index or a range; expected e.g. '0-4' or "
+                "'5,6,7,8,9' (class indices of the dataset, 0-based)"
+            )
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if high < low:
+            raise ValueError(f"range {term.strip()!r} runs backwards; write '{high}-{low}'")
+        if high > MAX_CLASS_INDEX:
+            raise ValueError(f"class index {high} is beyond any dataset's (<= {MAX_CLASS_INDEX})")
+        picked.extend(range(low, high + 1))
+    repeated = sorted(c for c, times in Counter(picked).items() if times > 1)
+    if repeated:
+        raise ValueError(f"class(es) {repeated} named more than once")
+    return picked
 
 
 class ConfigError(ValueError):
@@ -41,6 +74,8 @@ class RunConfig:
 
     dataset: str = "fashion-mnist"
     data_dir: str = ""
+    classes: str = ""
+    augment: str = "none"
     partitioner: str = "iid"
     alpha: float = 0.5
     min_partition_size: int = 10
@@ -265,6 +300,14 @@ def _dataset(v: str) -> str | None:
     return f"allowed values are {DATASETS_HELP}"
 
 
+def _classes(v: str) -> str | None:
+    try:
+        parse_classes(v)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _snr(v: str) -> str | None:
     try:
         parts = [float(p) for p in v.split(",")]
@@ -307,6 +350,8 @@ def run_name_problem(name: str) -> str | None:
 
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "dataset": _dataset,
+    "classes": _classes,
+    "augment": _one_of(*AUGMENTS),
     "partitioner": _one_of(*PARTITIONERS),
     "alpha": _in_range(0, low_open=True),
     "min-partition-size": _in_range(0),

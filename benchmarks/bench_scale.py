@@ -216,7 +216,7 @@ def server_bytes_per_client(partitions: int, data_dir: str) -> float:
 
     values = {"num-partitions": partitions, "out-dir": tempfile.mkdtemp(), "data-dir": data_dir}
     cfg = RunConfig.from_run_config(values)
-    load_data(cfg.dataset, cfg.data_dir)  # the data is not per client
+    load_data(cfg.dataset, cfg.data_dir, cfg.classes)  # the data is not per client
     warm = SimulatedClients(cfg.replace(num_partitions=10), lambda: None, 1)
     warm.setup(10)  # imports and caches of any population, out of the count
     tracemalloc.start()

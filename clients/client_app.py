@@ -109,7 +109,14 @@ def step(msg: Message, context: Context) -> Message:
         k.removeprefix("plan."): v for k, v in pending.to_torch_state_dict().items() if k != "idx"
     }
     idx = pending["idx"].numpy()
-    worker.apply_grads(idx, int(meta["seed"]), plan, record_to_grads(msg.content["grads"]))
+    batch = int(context.state[ROUND]["batches-done"]) + int(meta["step"])
+    worker.apply_grads(
+        idx,
+        int(meta["seed"]),
+        plan,
+        record_to_grads(msg.content["grads"]),
+        setup.augment_seed(batch),
+    )
     examples = int(meta["examples"]) + len(idx)
     if bool(config["last"]):
         metrics = MetricRecord({"num-examples": examples})
@@ -183,9 +190,10 @@ def _forward_next(
     ``examples`` counts the samples already trained this round (FedAvg weight).
     """
     round_state = context.state[ROUND]
-    idx = setup.batch_indices(int(round_state["batches-done"]) + step)
+    batch = int(round_state["batches-done"]) + step
+    idx = setup.batch_indices(batch)
     seed = setup.encode_seed(int(round_state["server-round"]), step)
-    packet = worker.forward_packet(idx, seed)
+    packet = worker.forward_packet(idx, seed, setup.augment_seed(batch))
     pending = {"idx": torch.from_numpy(idx)} | {f"plan.{k}": v for k, v in packet.plan.items()}
     context.state[PENDING] = ArrayRecord(pending)
     context.state[PENDING_META] = ConfigRecord({"seed": seed, "step": step, "examples": examples})

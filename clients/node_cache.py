@@ -19,6 +19,7 @@ import torch
 from adc_flwr.compression import Compressor, build_compressor
 from adc_flwr.config import RunConfig
 from adc_flwr.data import BatchCursor, DataBundle, held_out_split, load_data, run_partitions
+from adc_flwr.data.augment import Augment, build_augment
 from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import ClientFront, build_model, split_vit
 from adc_flwr.training.device import client_device, module_device
@@ -32,6 +33,8 @@ from adc_flwr.training.modules import (
 from adc_flwr.training.workers import ClientWorker, front_forward, step_seed
 from clients.disk_cache import ClientData, cached_client_data
 
+AUGMENT_STREAM = 0xA06  # keeps the augmentation's draws apart from every other use of the seed
+
 
 @dataclass
 class ModelSkeleton:
@@ -40,6 +43,7 @@ class ModelSkeleton:
     front: ClientFront
     compressor: Compressor
     spec: InputSpec
+    augment: Augment | None  # the training forward's (``augment``)
 
     @property
     def front_device(self) -> torch.device:
@@ -48,7 +52,7 @@ class ModelSkeleton:
 
 def model_skeleton(cfg: RunConfig) -> ModelSkeleton:
     """The run's front and compressor, built once per process."""
-    return _skeleton(cfg, load_data(cfg.dataset, cfg.data_dir))
+    return _skeleton(cfg, load_data(cfg.dataset, cfg.data_dir, cfg.classes))
 
 
 _SKELETONS: dict[RunConfig, ModelSkeleton] = {}  # the last two configs (as lru_cache(2))
@@ -73,6 +77,7 @@ def _build_skeleton(cfg: RunConfig, data: DataBundle) -> ModelSkeleton:
         front.to(device),
         build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size).to(device),
         InputSpec.for_model(vit, data, cfg.model),
+        build_augment(cfg.augment),
     )
 
 
@@ -128,6 +133,12 @@ class ClientSetup:
     def encode_seed(self, server_round: int, step: int) -> int:
         return step_seed(self.cfg.seed, server_round, self.partition_id, step)
 
+    def augment_seed(self, batch_number: int) -> int:
+        """The augmentation of this partition's batch ``batch_number`` (its global count, as
+        :meth:`batch_indices`): the same images for the forward, its replay and a resume,
+        in every method."""
+        return step_seed(AUGMENT_STREAM, self.cfg.seed, self.partition_id, batch_number)
+
     def worker(
         self,
         front_state: dict[str, torch.Tensor],
@@ -146,7 +157,13 @@ class ClientSetup:
         if optimizer_state is not None:
             load_optimizer_tensors(optimizer, optimizer_state)
         return ClientWorker(
-            sk.front, compressor, optimizer, self.data.train, sk.spec, self.cfg.precision
+            sk.front,
+            compressor,
+            optimizer,
+            self.data.train,
+            sk.spec,
+            self.cfg.precision,
+            sk.augment,
         )
 
 
@@ -170,7 +187,7 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
     parts = run_partitions(cfg, num_partitions)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     train, held_out = parts[partition_id], parts[partition_id][:0]
     if cfg.federated_eval_every:
         train, held_out = held_out_split(train, cfg.federated_eval_fraction, cfg.seed, partition_id)

@@ -209,6 +209,32 @@ def mean_std(mean: float, std: float, fmt: str = "{:.3f}") -> str:
     return fmt.format(mean) if _missing(std) else f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
+# ---- the paper's claims -----------------------------------------------------------------
+
+
+def nearest_level(level: float, grid: Sequence[float]) -> float:
+    """The grid level nearest ``level`` on a log scale (quant's 1 bit, 1/32, and C3-SL's
+    R = 32 share the 0.03 column; 8 bits and R = 4, 0.25, the 0.3 one)."""
+    return min(grid, key=lambda g: abs(math.log(level) - math.log(g)))
+
+
+def level_ranking(final: pd.DataFrame, grid: Sequence[float]) -> pd.DataFrame:
+    """Final accuracy (mean over seeds) per grid level and compressing method, the best
+    method of each level and ADC's gap to it: the paper's claim (d) in a table. ``final``:
+    :func:`final_over_seeds` of one regime; ``none`` is left out (it has no level)."""
+    squeezed = final[final["method"] != "none"]
+    squeezed = squeezed.assign(xi=[nearest_level(v, grid) for v in squeezed["level"]])
+    table = squeezed.pivot_table(
+        index="xi", columns="method", values="test_accuracy_mean", aggfunc="mean"
+    )
+    table["best"] = table.idxmax(axis=1)
+    if "adc" in table.columns:
+        accuracies = table.drop(columns="best")
+        table["adc_gap"] = accuracies.max(axis=1) - table["adc"]
+        table["adc_rank"] = accuracies.rank(axis=1, ascending=False)["adc"]
+    return table
+
+
 # ---- clients --------------------------------------------------------------------------
 
 

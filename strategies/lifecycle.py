@@ -70,7 +70,7 @@ def build_strategy(
     """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     vit = build_model(cfg, data).to(device)
     front, back = split_vit(vit, cfg.split_index)
     compressor = build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,13 +16,15 @@ def to_model_input(
     num_channels: int,
     mean: Sequence[float],
     std: Sequence[float],
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 (B, num_channels, image_size, image_size), normalised.
 
     Resizes with bilinear interpolation (antialiased when shrinking) when sizes differ and
     repeats a grayscale channel when the model wants 3. Floating input is taken as already
     in [0, 1]. ``mean``/``std`` have one entry per source channel, per model channel or
-    a single entry.
+    a single entry. ``augment`` (training only) runs on the [0, 1] images at their native
+    size, before the resize (:mod:`~adc_flwr.data.augment`).
     """
     if isinstance(images, np.ndarray):
         # astype copies, so read-only slices of the shared bundle convert without a warning.
@@ -32,6 +34,8 @@ def to_model_input(
         x = images.to(torch.float32) if images.is_floating_point() else images.float() / 255.0
     if x.ndim != 4:
         raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    if augment is not None:
+        x = augment(x)
     c = x.shape[1]
     if c != num_channels and not (c == 1 and num_channels == 3):
         raise ValueError(

@@ -109,6 +109,11 @@ class LazyImages:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def subset(self, positions: np.ndarray) -> LazyImages:
+        """The images at ``positions`` of this split, as a split of their own (a label
+        subset): same table and decoding, nothing decoded yet."""
+        return LazyImages(self._table, self._rows[positions], self._plan, self._what)
+
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         picked = np.asarray(self._positions[rows])

@@ -227,20 +227,23 @@ def run_partitions(cfg: RunConfig, num_partitions: int) -> Sequence[np.ndarray]:
         ("shards_per_client", cfg.shards_per_client),
         ("seed", cfg.seed),
     )
-    return _run_partitions(cfg.dataset, cfg.data_dir, num_partitions, cfg.partitioner, options)
+    return _run_partitions(
+        cfg.dataset, cfg.data_dir, cfg.classes, num_partitions, cfg.partitioner, options
+    )
 
 
 @functools.lru_cache(maxsize=4)
 def _run_partitions(
     dataset: str,
     data_dir: str,
+    classes: str,
     num_partitions: int,
     partitioner: str,
     options: tuple[tuple[str, Any], ...],
 ) -> Sequence[np.ndarray]:
     from adc_flwr.data.sources import load_data
 
-    labels = load_data(dataset, data_dir).train.labels
+    labels = load_data(dataset, data_dir, classes).train.labels
     return partition_indices(labels, num_partitions, partitioner, **dict(options), shared=True)
 
 
@@ -253,7 +256,7 @@ def write_partition_counts(
     from adc_flwr.data.sources import load_data
     from adc_flwr.run.files import atomic_write_text
 
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     counts = label_counts(
         data.train.labels, list(run_partitions(cfg, num_partitions)), data.num_classes
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adc_flwr.data.classes import select_classes
 from adc_flwr.data.hf_datasets import load_hf_style
 from adc_flwr.data.splits import DataBundle, DataError, ImageSplit, carve_test, make_bundle
 from adc_flwr.data.stats import channel_stats, sample_stats
@@ -32,8 +33,10 @@ FASHION_MNIST_CLASSES = [
 ]
 
 
-def load_data(dataset: str = "fashion-mnist", data_dir: str = "") -> DataBundle:
-    """Load ``dataset`` once per process (same arguments -> the same object).
+def load_data(dataset: str = "fashion-mnist", data_dir: str = "", classes: str = "") -> DataBundle:
+    """Load ``dataset`` once per process (same arguments -> the same object), restricted to
+    the ``classes`` run-config key's label subset when it names one
+    (:func:`~adc_flwr.data.classes.select_classes`).
 
     The arrays are read-only because the bundle is shared by everyone in the process; index
     them (``images[idx]`` copies) rather than writing into them. Hub, parquet and
@@ -41,7 +44,14 @@ def load_data(dataset: str = "fashion-mnist", data_dir: str = "") -> DataBundle:
     their mean/std come from a fixed sample of train (:func:`~.stats.sample_stats`).
     """
     # One cache key however the call is spelled (positional, keyword, default data_dir).
+    if classes.strip():
+        return _subset_cached(dataset.strip(), data_dir.strip(), classes.strip())
     return _load_data_cached(dataset.strip(), data_dir.strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _subset_cached(dataset: str, data_dir: str, classes: str) -> DataBundle:
+    return select_classes(_load_data_cached(dataset, data_dir), classes)
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +41,16 @@ class InputSpec:
         return cls(image_size, num_channels, mean, std)
 
     def batch(
-        self, split: ImageSplit, idx: np.ndarray, device: torch.device | None = None
+        self,
+        split: ImageSplit,
+        idx: np.ndarray,
+        device: torch.device | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel values (B, C, S, S) float32 and labels (B,) int64 for indices ``idx``, on
         ``device`` (None: the CPU). Off the CPU the uint8 images travel and are resized and
-        normalised there (4x fewer bytes to copy, and the GPU does the resizing)."""
+        normalised there (4x fewer bytes to copy, and the GPU does the resizing).
+        ``augment``: the training augmentation, on [0, 1] images before the resize."""
         images = split.images[idx]
         on_cpu = device is None or device.type == "cpu"
         if not on_cpu:
@@ -55,6 +61,7 @@ class InputSpec:
             num_channels=self.num_channels,
             mean=self.mean,
             std=self.std,
+            augment=augment,
         )
         labels = torch.from_numpy(split.labels[idx]).long()
         return pixels, labels if on_cpu else labels.to(device)

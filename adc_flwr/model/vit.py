@@ -179,6 +179,25 @@ def _load_pretrained(model: str, *, num_classes: int) -> ViTForImageClassificati
     return vit
 
 
+def _match_head(vit: ViTForImageClassification, class_names: list[str]) -> None:
+    """A new head (initialised as the model initialises one, from the RNG as seeded) when
+    the checkpoint's labels are not ``class_names``; keep it when they are. The config then
+    names the run's classes, so a saved fine-tuned model carries them."""
+    if len(class_names) != vit.config.num_labels:
+        raise ModelError(
+            f"{len(class_names)} class names for a head of {vit.config.num_labels} classes"
+        )
+    ours = {i: str(name) for i, name in enumerate(class_names)}
+    theirs = {int(i): str(name) for i, name in (vit.config.id2label or {}).items()}
+    if theirs != ours:
+        old = vit.classifier
+        head = nn.Linear(old.in_features, old.out_features, dtype=old.weight.dtype)
+        vit._init_weights(head)
+        vit.classifier = head
+    vit.config.id2label = ours
+    vit.config.label2id = {name: i for i, name in ours.items()}
+
+
 def _in_hub_cache(source: str) -> bool:
     """Whether the hub checkpoint's config is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
@@ -194,15 +213,18 @@ def build_vit(
     num_channels: int = 3,
     patch_size: int = 0,
     seed: int = 0,
+    class_names: list[str] | None = None,
 ) -> ViTForImageClassification:
     """A seeded ViT classifier: a preset (random init) or a saved / hub checkpoint.
 
     For a checkpoint the image geometry is its own: ``image_size`` and ``num_channels`` are
     ignored (callers pass the dataset's; the data pipeline resizes to ``model_input_spec``),
     a nonzero ``patch_size`` other than the checkpoint's is an error, and only the
-    classifier head is re-initialised (from ``seed``) when ``num_classes`` differs.
-    The global RNG is left untouched. Returned in train mode (dropout is 0, so the mode
-    changes nothing numerically).
+    classifier head is re-initialised (from ``seed``): when ``num_classes`` differs, or when
+    ``class_names`` (the run's, in label order) differ from the checkpoint's ``id2label``
+    (new labels: pretrained on some classes, fine-tuned on others). Either way the model's
+    ``id2label`` becomes ``class_names``. The global RNG is left untouched. Returned in
+    train mode (dropout is 0, so the mode changes nothing numerically).
     """
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
@@ -224,9 +246,14 @@ def build_vit(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if is_preset:
+            if class_names is not None:  # a saved preset (pretraining) names its classes
+                config.id2label = {i: str(name) for i, name in enumerate(class_names)}
+                config.label2id = {name: i for i, name in config.id2label.items()}
             vit = ViTForImageClassification(config)
         else:
             vit = _load_pretrained(model, num_classes=num_classes)
+            if class_names is not None:
+                _match_head(vit, class_names)
 
     if not is_preset:
         model_input_spec(vit)  # square inputs only: fail here, not in the data pipeline
@@ -251,6 +278,7 @@ def build_model(cfg: RunConfig, data: DataBundle) -> ViTForImageClassification:
         num_channels=data.num_channels,
         patch_size=cfg.patch_size,
         seed=cfg.seed,
+        class_names=list(data.class_names),
     )
 
 

@@ -80,7 +80,7 @@ def validate_run(run_config: Mapping[str, Any], num_supernodes: int | None = Non
     except ProfileError as exc:
         raise ConfigError(str(exc)) from exc
     try:
-        data = load_data(cfg.dataset, cfg.data_dir)
+        data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
         if cfg.privacy_eval != "off" and cfg.privacy_aux_samples >= len(data.test):
             raise ConfigError(
                 f"run-config key 'privacy-aux-samples' = {cfg.privacy_aux_samples}: the test "

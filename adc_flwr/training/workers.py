@@ -21,6 +21,7 @@ from torch import nn
 
 from adc_flwr.compression import Compressor, Packet
 from adc_flwr.data import ImageSplit
+from adc_flwr.data.augment import Augment
 from adc_flwr.model.inputs import InputSpec
 from adc_flwr.model.vit import ClientFront, ServerBack
 from adc_flwr.training.device import autocast, module_device, to_device
@@ -64,6 +65,7 @@ class ClientWorker:
         split: ImageSplit,
         spec: InputSpec,
         precision: str = "fp32",
+        augment: Augment | None = None,
     ) -> None:
         self.front = front
         self.compressor = compressor
@@ -71,6 +73,7 @@ class ClientWorker:
         self.split = split
         self.spec = spec
         self.precision = precision
+        self.augment = augment  # the training forward's only; the seed comes with each batch
 
     @property
     def device(self) -> torch.device:
@@ -85,17 +88,30 @@ class ClientWorker:
         """Weights of every client-side module, flat, as they travel for model sync."""
         return modules_state(self.trainable_modules())
 
-    def _encode(self, idx: np.ndarray, seed: int, plan: dict[str, torch.Tensor] | None) -> Packet:
-        pixels, labels = self.spec.batch(self.split, idx, self.device)
+    def _encode(
+        self,
+        idx: np.ndarray,
+        seed: int,
+        plan: dict[str, torch.Tensor] | None,
+        augment_seed: int | None = None,
+    ) -> Packet:
+        view = None
+        if self.augment is not None:
+            if augment_seed is None:
+                raise ValueError("an augmented forward needs the batch's augment seed")
+            augment = self.augment
+            view = lambda images: augment(images, augment_seed)  # noqa: E731
+        pixels, labels = self.spec.batch(self.split, idx, self.device, view)
         # (B, n, d), (B, n)
         h, cls_attn = front_forward(self.front, pixels, self.precision, with_cls_attention=True)
         assert cls_attn is not None
         return self.compressor.encode(h, labels, cls_attn, plan=plan, seed=seed)
 
-    def forward_packet(self, idx: np.ndarray, seed: int) -> Packet:
-        """Forward and encode a batch (no graph kept, only the plan)."""
+    def forward_packet(self, idx: np.ndarray, seed: int, augment_seed: int | None = None) -> Packet:
+        """Forward and encode a batch (no graph kept, only the plan); ``augment_seed``
+        draws its augmentation (with ``augment`` set)."""
         with torch.no_grad():
-            return self._encode(idx, seed, plan=None)
+            return self._encode(idx, seed, plan=None, augment_seed=augment_seed)
 
     def apply_grads(
         self,
@@ -103,9 +119,11 @@ class ClientWorker:
         seed: int,
         plan: dict[str, torch.Tensor],
         grads: dict[str, torch.Tensor],
+        augment_seed: int | None = None,
     ) -> None:
-        """Recompute the forward with ``plan``, backpropagate ``grads``, step."""
-        packet = self._encode(idx, seed, plan=plan)
+        """Recompute the forward with ``plan`` (and the same augmented images),
+        backpropagate ``grads``, step."""
+        packet = self._encode(idx, seed, plan=plan, augment_seed=augment_seed)
         sent = packet.grad_tensors()
         received = self.compressor.decompress_grads(to_device(grads, self.device), packet)
         missing = sent.keys() - received.keys()

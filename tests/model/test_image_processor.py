@@ -302,13 +302,27 @@ def test_a_checkpoint_run_goes_end_to_end(tmp_path: Path, checkpoint: str, parqu
 def test_the_paper_experiment_runs_offline_on_stand_ins(tmp_path: Path, parquet: str) -> None:
     """paper_deit_cifar100 as users run it (the sweep's own validation and in-process runner),
     with only the downloads replaced: a local checkpoint for the hub DeiT-Tiny, a parquet set
-    for CIFAR-100, and a budget a few tiny steps spend instead of 10 DeiT epochs."""
+    for CIFAR-100, and a budget two tiny steps spend instead of 10 DeiT epochs. The
+    experiment's paper augmentation runs; a ``classes`` subset (2 of the set's 3 classes, in
+    another order) is what trains; and the stand-in's head, pretrained on 2 other class
+    names, is re-created (seeded) for the run's, as DeiT's ImageNet head is for CIFAR-100."""
+    from transformers import ViTForImageClassification
+
+    from adc_flwr.data.augment import PaperAugment
+    from adc_flwr.model.vit import split_vit
+
     experiment = load_experiment("paper_deit_cifar100", check_points=False)
     (point,) = [p for p in experiment.points if p.name == "adc-c0.1-s43422"]
     assert point.run_config["model"].startswith("hf:")
     assert point.run_config["dataset"].startswith("hf:")
-    local = str(save_tiny_vit(tmp_path / "deit-standin", processor=processor_kwargs(SIDE)))
-    overrides = {"model": local, "dataset": parquet, "budget-mb": 0.25}
+    assert point.run_config["augment"] == "paper"
+    local = save_tiny_vit(tmp_path / "deit-standin", processor=processor_kwargs(SIDE))
+    # pretrained on two classes named "a" and "b": a head of the run's size, other labels
+    pretrained = ViTForImageClassification.from_pretrained(
+        local, num_labels=2, id2label={0: "a", 1: "b"}, ignore_mismatched_sizes=True
+    )
+    pretrained.save_pretrained(local)
+    overrides = {"model": str(local), "dataset": parquet, "budget-mb": 0.16, "classes": "2,0"}
     stand_in = dataclasses.replace(point, run_config=point.run_config | overrides)
     experiment = dataclasses.replace(experiment, points=[stand_in])
     lines: list[str] = []
@@ -316,7 +330,28 @@ def test_the_paper_experiment_runs_offline_on_stand_ins(tmp_path: Path, parquet:
     assert result.status == "completed", (result.error, lines)
     summary = result.summary
     assert summary["stop_reason"] == "budget-mb"  # the budget, not the step cap, stops it
-    assert summary["history"][-1]["steps"] < stand_in.run_config["local-steps"]
+    steps = summary["history"][-1]["steps"]
+    assert 0 < steps < stand_in.run_config["local-steps"]
     run_dir = tmp_path / "results" / "paper_deit_cifar100" / stand_in.name
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["lr"], config["batch-size"], config["split-index"]) == (1e-4, 128, 3)
+    assert (config["augment"], config["classes"]) == ("paper", "2,0")
+    cfg = stand_in.config(tmp_path / "results" / "paper_deit_cifar100")
+    assert isinstance(model_skeleton(cfg).augment, PaperAugment)  # what the client trained with
+    # the subset trained: classes 2 and 0 of the set (20 train images each), renumbered 0, 1
+    counts = (run_dir / "partitions.csv").read_text().splitlines()
+    assert counts[0].split(",")[1:] == ["0", "1", "total"] and counts[1].endswith(",20,20,40")
+    # a new head, the seeded one a run builds for classes "c", "a"; the body is the stand-in's
+    fresh = build_vit(str(local), num_classes=2, seed=cfg.seed, class_names=["c", "a"])
+    assert fresh.config.id2label == {0: "c", 1: "a"}
+    _, fresh_back = split_vit(fresh, cfg.split_index)
+    _, old_back = split_vit(pretrained, cfg.split_index)
+    back = torch.load(run_dir / "checkpoint.pt", weights_only=True)["back"]
+    moved = 2 * cfg.lr * steps  # Adam moves a weight by about lr a step
+    for key, old in old_back.state_dict().items():
+        new = fresh_back.state_dict()[key]
+        torch.testing.assert_close(back[key], new, rtol=0, atol=moved)
+        if key.startswith("classifier"):  # re-created: nowhere near the pretrained head
+            assert key == "classifier.bias" or (back[key] - old).abs().max() > 20 * moved
+        else:
+            assert torch.equal(new, old)

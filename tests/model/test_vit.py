@@ -150,6 +150,40 @@ def test_local_checkpoint_with_same_classes_keeps_its_head(saved_vit) -> None:
     torch.testing.assert_close(vit(x).logits, original.eval()(x).logits, rtol=0, atol=1e-5)
 
 
+def test_local_checkpoint_with_the_same_class_names_keeps_its_head(saved_vit) -> None:
+    path, original = saved_vit
+    names = [original.config.id2label[i] for i in range(4)]
+    vit = build_vit(str(path), num_classes=4, seed=3, class_names=names)
+    assert torch.equal(vit.classifier.weight, original.classifier.weight)
+    assert torch.equal(vit.classifier.bias, original.classifier.bias)
+
+
+def test_local_checkpoint_with_other_class_names_gets_a_new_seeded_head(saved_vit) -> None:
+    """Pretrained on some classes, fine-tuned on as many others: the old head would map the
+    new labels onto the old classes' weights, so it is re-created, seeded, and the body kept."""
+    path, original = saved_vit
+    names = ["coat", "shirt", "pullover", "t-shirt"]
+    vit = build_vit(str(path), num_classes=4, seed=3, class_names=names)
+    assert not torch.equal(vit.classifier.weight, original.classifier.weight)
+    assert torch.count_nonzero(vit.classifier.bias) == 0
+    assert float(vit.classifier.weight.detach().std()) == pytest.approx(0.02, rel=0.2)  # the init's
+    again = build_vit(str(path), num_classes=4, seed=3, class_names=names)
+    other = build_vit(str(path), num_classes=4, seed=4, class_names=names)
+    assert torch.equal(again.classifier.weight, vit.classifier.weight)
+    assert not torch.equal(other.classifier.weight, vit.classifier.weight)
+    ours, theirs = vit.state_dict(), original.state_dict()
+    body = [k for k in theirs if not k.startswith("classifier")]
+    assert body and all(torch.equal(ours[k], theirs[k]) for k in body)
+    assert vit.config.id2label == dict(enumerate(names))  # a saved fine-tune names its classes
+    assert vit.config.label2id == {n: i for i, n in enumerate(names)}
+
+
+def test_class_names_must_fit_the_head(saved_vit) -> None:
+    path, _ = saved_vit
+    with pytest.raises(ModelError, match="3 class names for a head of 4"):
+        build_vit(str(path), num_classes=4, class_names=["a", "b", "c"])
+
+
 def test_local_checkpoint_keeps_its_geometry(saved_vit) -> None:
     path, _ = saved_vit
     # Callers pass the dataset's size; the pipeline resizes to what the checkpoint expects.

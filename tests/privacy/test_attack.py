@@ -49,7 +49,7 @@ class PixelFront(nn.Module):
 
 
 def audit_for(cfg, front_hidden: int) -> PrivacyAudit:
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     spec = InputSpec(data.image_size, data.num_channels, data.mean, data.std)
     compressor = build_compressor(cfg, data.num_classes, hidden_size=front_hidden)
     _, aux = aux_split(data.test, cfg.privacy_aux_samples, cfg.seed)
@@ -60,7 +60,7 @@ def test_identity_front_is_inverted_and_independent_tokens_are_not(tmp_path: Pat
     cfg = tiny_config(
         tmp_path, privacy_eval="final", privacy_aux_samples=300, privacy_epochs=100, batch_size=64
     )
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     identity = PixelFront(data.image_size, data.num_channels)
     result = audit_for(cfg, identity.hidden_size).run({"front": identity}, 1, 3)
     merged, best = result.rows
@@ -119,7 +119,7 @@ def test_too_few_rows_for_a_dcor_estimator_leave_it_blank(tmp_path: Path) -> Non
         privacy_clients=1,
         batch_size=3,
     )
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     front = PixelFront(data.image_size, data.num_channels)
     merged, _ = audit_for(cfg, front.hidden_size).run({"front": front}, 1, 2).rows
     assert merged["rows"] == 3 and np.isnan(merged["dcor_unbiased"])
@@ -137,7 +137,7 @@ def test_each_observation_draws_its_own_channel_noise(tmp_path: Path) -> None:
         snr_db="0",
         batch_size=16,
     )
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     front = PixelFront(data.image_size, data.num_channels)
     audit = audit_for(cfg, front.hidden_size)
     batches = [(np.arange(16), 1)]

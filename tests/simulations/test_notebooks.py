@@ -33,6 +33,11 @@ NOTEBOOKS = {
             "| point, links | seeds | final accuracy |",
         ),
     ),
+    "paper_pretrained": (
+        ("ADC_RESULTS",),
+        ("accuracy_vs_xi", "accuracy_vs_mb"),
+        ("| regime point | seeds | final accuracy |", "| seeds | steps | mb |"),
+    ),
     "privacy": (
         ("ADC_PRIVACY",),
         ("privacy_ssim", "privacy_dcor", "privacy_reconstructions"),
@@ -43,6 +48,7 @@ SHIPPED_TABLES = {
     "accuracy_vs_bandwidth": ("paper_comparison",),
     "non_iid": ("non_iid",),
     "heterogeneity": ("edge_mix", "edge_deadlines", "edge_traces"),
+    "paper_pretrained": ("paper_pretrained",),
     "privacy": ("privacy",),
 }
 

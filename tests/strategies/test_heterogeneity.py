@@ -46,7 +46,7 @@ def trace(tmp_path: Path, *profiles: ClientProfile) -> str:
 
 
 def flops_of(cfg):
-    data = load_data(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.classes)
     vit = build_model(cfg, data)
     front, back = split_vit(vit, cfg.split_index)
     compressor = build_compressor(cfg, data.num_classes, hidden_size=front.hidden_size)

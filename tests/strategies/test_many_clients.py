@@ -27,9 +27,11 @@ class CallLog:
         self.batches: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         real_forward = ClientWorker.forward_packet
 
-        def forward(worker: ClientWorker, idx: np.ndarray, seed: int):
+        def forward(
+            worker: ClientWorker, idx: np.ndarray, seed: int, augment_seed: int | None = None
+        ):
             self.batches[self.current].append(np.array(idx))
-            return real_forward(worker, idx, seed)
+            return real_forward(worker, idx, seed, augment_seed)
 
         monkeypatch.setattr(ClientWorker, "forward_packet", forward)
 
